@@ -1,0 +1,16 @@
+//! A reader of the EROFS on-disk format that treats every image as hostile.
+//!
+//! Every number read from an image is checked before it is used: offsets
+//! and sizes against the image length, counts and depths against explicit
+//! caps, walks against cycles. Malformed input gives an [`Error`], never a
+//! panic, an endless loop or an unbounded allocation.
+//!
+//! The crate knows nothing of where bytes come from ([`ReadAt`]) or of how
+//! they are served (FUSE, a CLI): it is the on-disk format and nothing else.
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod read;
+
+pub use error::{Error, Location, Result};
+pub use read::ReadAt;
