@@ -1,0 +1,1 @@
+//! Syscalls that the FUSE server needs (mounting, /dev/fuse clones).

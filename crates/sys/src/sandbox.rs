@@ -1,0 +1,1 @@
+//! Syscalls that the sandbox needs (identity, namespaces, limits).
