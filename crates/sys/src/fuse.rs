@@ -1,1 +1,229 @@
 //! Syscalls that the FUSE server needs (mounting, /dev/fuse clones).
+//!
+//! Most of these are thin, safe shims over `rustix`, kept here so that the
+//! FUSE crate reaches the kernel through one reviewed door. The two that
+//! need `unsafe` are the `FUSE_DEV_IOC_CLONE` ioctl and the signal-mask
+//! calls (`pthread_sigmask`, `sigwait`), which neither std nor rustix wrap.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+
+use rustix::fs::{Mode, OFlags};
+use rustix::io::FdFlags;
+use rustix::mount::{MountFlags, UnmountFlags};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketFlags, SocketType,
+};
+
+/// `FUSE_DEV_IOC_CLONE` from `include/uapi/linux/fuse.h`: `_IOR(229, 0, uint32_t)`.
+///
+/// `_IOR(type, nr, size)` is `(2 << 30) | (size << 16) | (type << 8) | nr`
+/// on every architecture Linux runs FUSE on except a few (alpha, mips, ppc,
+/// sparc) whose direction bits differ; we build for x86-64 and arm64.
+const FUSE_DEV_IOC_CLONE: u32 = (2 << 30) | (4 << 16) | (229 << 8);
+
+fn to_io(e: rustix::io::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+/// Open `/dev/fuse` for reading and writing, close-on-exec.
+pub fn open_dev_fuse() -> io::Result<File> {
+    let fd = rustix::fs::open("/dev/fuse", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        .map_err(to_io)?;
+    Ok(File::from(fd))
+}
+
+/// Open a new `/dev/fuse` file attached to the same FUSE connection as
+/// `session`, so another thread can read requests from it without sharing
+/// a file (and its processing queue) with the first.
+pub fn clone_dev_fuse(session: BorrowedFd<'_>) -> io::Result<File> {
+    let clone = open_dev_fuse()?;
+    let session_fd: u32 = u32::try_from(session.as_raw_fd())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: `clone` is an open /dev/fuse file we own for the duration of
+    // the call; FUSE_DEV_IOC_CLONE reads exactly one u32 (the fd of the
+    // session to attach to) from the pointer, which points to a live local.
+    let rc = unsafe {
+        libc::ioctl(
+            clone.as_raw_fd(),
+            FUSE_DEV_IOC_CLONE as libc::Ioctl,
+            std::ptr::addr_of!(session_fd),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(clone)
+}
+
+/// Options of a direct FUSE mount.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MountFlagsSpec {
+    /// Ignore set-user-id and set-group-id bits (`MS_NOSUID`).
+    pub nosuid: bool,
+    /// Refuse to open device nodes (`MS_NODEV`).
+    pub nodev: bool,
+}
+
+/// `mount(2)` a FUSE filesystem read-only. `data` is the option string the
+/// FUSE driver parses (`fd=N,rootmode=...,user_id=...,group_id=...`).
+pub fn mount_fuse(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    spec: MountFlagsSpec,
+    data: &str,
+) -> io::Result<()> {
+    let mut flags = MountFlags::RDONLY;
+    if spec.nosuid {
+        flags |= MountFlags::NOSUID;
+    }
+    if spec.nodev {
+        flags |= MountFlags::NODEV;
+    }
+    let data = CString::new(data).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    rustix::mount::mount(source, target, fstype, flags, Some(data.as_c_str())).map_err(to_io)
+}
+
+/// `umount2(2)`; `lazy` detaches the mount now and lets it go when unused.
+pub fn unmount(target: &Path, lazy: bool) -> io::Result<()> {
+    let flags = if lazy { UnmountFlags::DETACH } else { UnmountFlags::empty() };
+    rustix::mount::unmount(target, flags).map_err(to_io)
+}
+
+/// A connected pair of Unix stream sockets, close-on-exec.
+pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
+    rustix::net::socketpair(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+        .map_err(to_io)
+}
+
+/// A pipe, both ends close-on-exec: `(read end, write end)`.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(to_io)
+}
+
+/// Set or clear close-on-exec on `fd`.
+pub fn set_cloexec(fd: BorrowedFd<'_>, cloexec: bool) -> io::Result<()> {
+    let flags = if cloexec { FdFlags::CLOEXEC } else { FdFlags::empty() };
+    rustix::io::fcntl_setfd(fd, flags).map_err(to_io)
+}
+
+/// Receive one file descriptor sent with `SCM_RIGHTS` (as fusermount3 does).
+/// `Ok(None)` when the peer closed the socket or sent no descriptor.
+pub fn recv_fd(sock: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    loop {
+        match rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC) {
+            Ok(_) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(to_io(e)),
+        }
+    }
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = msg {
+            if let Some(fd) = fds.next() {
+                return Ok(Some(fd));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Tell the kernel that the bytes `offset..offset+len` of `file` will not
+/// be read again soon, so their page-cache pages can be dropped. Only pages
+/// wholly inside the range go.
+pub fn fadvise_dontneed(file: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    let Some(len) = std::num::NonZeroU64::new(len) else {
+        return Ok(());
+    };
+    rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::DontNeed).map_err(to_io)
+}
+
+/// The real user and group ids of this process.
+pub fn real_ids() -> (u32, u32) {
+    (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw())
+}
+
+/// The signals that ask the server to unmount and exit.
+const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+fn termination_sigset() -> libc::sigset_t {
+    let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the whole set it is given; the pointer
+    // is to a live local of the right type.
+    unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+    // SAFETY: the set was initialised by sigemptyset just above.
+    let mut set = unsafe { set.assume_init() };
+    for sig in TERMINATION_SIGNALS {
+        // SAFETY: `set` is an initialised sigset_t and `sig` a valid signal.
+        unsafe { libc::sigaddset(&mut set, sig) };
+    }
+    set
+}
+
+/// Block SIGTERM, SIGINT and SIGHUP in the calling thread and in every
+/// thread it starts afterwards, so that [`wait_termination_signal`] in one
+/// dedicated thread receives them instead of their default action killing
+/// the process with the mount still in place. Call before starting threads.
+pub fn block_termination_signals() -> io::Result<()> {
+    let set = termination_sigset();
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Wait until one of the signals blocked by [`block_termination_signals`]
+/// arrives, and return its number.
+pub fn wait_termination_signal() -> io::Result<i32> {
+    let set = termination_sigset();
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is initialised and `sig` is a live local that sigwait
+    // writes one int to.
+    let rc = unsafe { libc::sigwait(&set, &mut sig) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    Ok(sig)
+}
+
+/// Whether `fd` is a valid descriptor in this process.
+pub fn fd_is_open(fd: BorrowedFd<'_>) -> bool {
+    rustix::io::fcntl_getfd(fd.as_fd()).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clone_ioctl_number_matches_the_uapi_header() {
+        // Value printed by a C program including <linux/fuse.h> on x86-64.
+        assert_eq!(FUSE_DEV_IOC_CLONE, 0x8004_e500);
+    }
+
+    #[test]
+    fn fd_passing_round_trip() {
+        let (a, b) = socketpair().unwrap();
+        let (r, _w) = pipe().unwrap();
+        let fds = [r.as_fd()];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(&a, &[io::IoSlice::new(b"x")], &mut control, rustix::net::SendFlags::empty())
+            .unwrap();
+        let got = recv_fd(b.as_fd()).unwrap().expect("a descriptor");
+        assert!(fd_is_open(got.as_fd()));
+        drop(a);
+        assert!(recv_fd(b.as_fd()).unwrap().is_none());
+    }
+}
