@@ -24,15 +24,27 @@ pub(super) fn decompress(src: &[u8], dst: &mut [u8], partial: bool) -> Result<()
     let mut state = Box::<DecompressorOxide>::default();
     // Without TINFL_FLAG_HAS_MORE_INPUT a truncated stream fails instead of
     // asking for more.
-    let (status, _read, written) = inflate(&mut state, src, dst, 0, TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF);
+    let (status, _read, written) = inflate(
+        &mut state,
+        src,
+        dst,
+        0,
+        TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
+    );
     match status {
         TINFLStatus::Done if written == dst.len() => Ok(()),
-        TINFLStatus::Done => Err(err(format!("stream ends after {written} of {} bytes", dst.len()))),
+        TINFLStatus::Done => Err(err(format!(
+            "stream ends after {written} of {} bytes",
+            dst.len()
+        ))),
         TINFLStatus::HasMoreOutput if partial && written == dst.len() => Ok(()),
         TINFLStatus::HasMoreOutput => Err(err("output is longer than expected")),
-        TINFLStatus::NeedsMoreInput | TINFLStatus::FailedCannotMakeProgress => {
-            Err(err(format!("input ends after {written} of {} bytes", dst.len())))
-        }
-        other => Err(err(format!("malformed stream ({other:?}) after {written} bytes"))),
+        TINFLStatus::NeedsMoreInput | TINFLStatus::FailedCannotMakeProgress => Err(err(format!(
+            "input ends after {written} of {} bytes",
+            dst.len()
+        ))),
+        other => Err(err(format!(
+            "malformed stream ({other:?}) after {written} bytes"
+        ))),
     }
 }

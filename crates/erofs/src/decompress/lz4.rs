@@ -16,7 +16,9 @@ fn err(msg: &'static str) -> DecompressError {
 #[inline]
 fn read_length(src: &[u8], ip: &mut usize, mut len: usize) -> Result<usize, DecompressError> {
     loop {
-        let b = *src.get(*ip).ok_or_else(|| err("length runs past the end of the input"))?;
+        let b = *src
+            .get(*ip)
+            .ok_or_else(|| err("length runs past the end of the input"))?;
         *ip += 1;
         // At most 1 MiB of input, so at most 255 MiB: no overflow.
         len = len.saturating_add(usize::from(b));
@@ -35,7 +37,9 @@ pub(super) fn decompress(src: &[u8], dst: &mut [u8], partial: bool) -> Result<()
     let mut ip = 0usize;
     let mut op = 0usize;
     loop {
-        let token = *src.get(ip).ok_or_else(|| err("input ends before the output is full"))?;
+        let token = *src
+            .get(ip)
+            .ok_or_else(|| err("input ends before the output is full"))?;
         ip += 1;
 
         let mut lit = usize::from(token >> 4);
@@ -59,10 +63,16 @@ pub(super) fn decompress(src: &[u8], dst: &mut [u8], partial: bool) -> Result<()
         }
         if ip == src.len() {
             // The last sequence is literals only.
-            return if op == out_len { Ok(()) } else { Err(err("output is shorter than expected")) };
+            return if op == out_len {
+                Ok(())
+            } else {
+                Err(err("output is shorter than expected"))
+            };
         }
 
-        let off = src.get(ip..ip + 2).ok_or_else(|| err("match offset runs past the end of the input"))?;
+        let off = src
+            .get(ip..ip + 2)
+            .ok_or_else(|| err("match offset runs past the end of the input"))?;
         let offset = usize::from(u16::from_le_bytes([off[0], off[1]]));
         ip += 2;
         if offset == 0 || offset > op {

@@ -59,11 +59,18 @@ struct RangeDecoder<'a> {
 
 impl<'a> RangeDecoder<'a> {
     fn new(input: &'a [u8]) -> Result<Self, DecompressError> {
-        let init = input.get(..RC_INIT_BYTES).ok_or_else(|| err("stream is shorter than the range coder's 5 bytes"))?;
+        let init = input
+            .get(..RC_INIT_BYTES)
+            .ok_or_else(|| err("stream is shorter than the range coder's 5 bytes"))?;
         // The first byte is shifted out of the 32-bit code: in MicroLZMA it
         // held the properties instead of LZMA1's zero.
         let code = u32::from_be_bytes([init[1], init[2], init[3], init[4]]);
-        Ok(RangeDecoder { input, pos: RC_INIT_BYTES, range: u32::MAX, code })
+        Ok(RangeDecoder {
+            input,
+            pos: RC_INIT_BYTES,
+            range: u32::MAX,
+            code,
+        })
     }
 
     #[inline(always)]
@@ -160,9 +167,13 @@ impl LenDecoder {
         if rc.bit(&mut self.choice) == 0 {
             MATCH_LEN_MIN + rc.bittree(&mut self.low[pos_state], LEN_LOW_SYMBOLS) - LEN_LOW_SYMBOLS
         } else if rc.bit(&mut self.choice2) == 0 {
-            MATCH_LEN_MIN + LEN_LOW_SYMBOLS + rc.bittree(&mut self.mid[pos_state], LEN_MID_SYMBOLS) - LEN_MID_SYMBOLS
+            MATCH_LEN_MIN + LEN_LOW_SYMBOLS + rc.bittree(&mut self.mid[pos_state], LEN_MID_SYMBOLS)
+                - LEN_MID_SYMBOLS
         } else {
-            MATCH_LEN_MIN + LEN_LOW_SYMBOLS + LEN_MID_SYMBOLS + rc.bittree(&mut self.high, LEN_HIGH_SYMBOLS)
+            MATCH_LEN_MIN
+                + LEN_LOW_SYMBOLS
+                + LEN_MID_SYMBOLS
+                + rc.bittree(&mut self.high, LEN_HIGH_SYMBOLS)
                 - LEN_HIGH_SYMBOLS
         }
     }
@@ -250,7 +261,8 @@ pub(super) fn decompress(
         let pos_state = pos & pos_mask;
         if rc.bit(&mut m.is_match[state][pos_state]) == 0 {
             let prev = if pos > 0 { u32::from(dst[pos - 1]) } else { 0 };
-            let base = LITERAL_CODER_SIZE * ((((pos & lit_pos_mask) << lc) as u32 + (prev >> (8 - lc))) as usize);
+            let base = LITERAL_CODER_SIZE
+                * ((((pos & lit_pos_mask) << lc) as u32 + (prev >> (8 - lc))) as usize);
             let probs = &mut m.literal[base..base + LITERAL_CODER_SIZE];
             let symbol = if state < 7 {
                 rc.bittree(probs, 0x100)
@@ -258,7 +270,9 @@ pub(super) fn decompress(
                 // A "matched" literal: the byte at rep0 steers the model
                 // until the first mismatching bit. rep0 < pos holds after
                 // any match that succeeded, which states >= 7 imply.
-                let at = pos.checked_sub(rep0 as usize + 1).ok_or_else(|| err("literal match byte before the output"))?;
+                let at = pos
+                    .checked_sub(rep0 as usize + 1)
+                    .ok_or_else(|| err("literal match byte before the output"))?;
                 let mut match_byte = u32::from(dst[at]) << 1;
                 let mut offset = 0x100u32;
                 let mut symbol = 1u32;
@@ -319,7 +333,9 @@ pub(super) fn decompress(
             if rc.bit(&mut m.is_rep0_long[state][pos_state]) == 0 {
                 // A short rep: one byte from rep0.
                 state = if state < 7 { 9 } else { 11 };
-                let at = pos.checked_sub(rep0 as usize + 1).filter(|_| (rep0 as usize) < dict_size);
+                let at = pos
+                    .checked_sub(rep0 as usize + 1)
+                    .filter(|_| (rep0 as usize) < dict_size);
                 let at = at.ok_or_else(|| err("match distance out of range"))?;
                 dst[pos] = dst[at];
                 pos += 1;
@@ -365,7 +381,10 @@ pub(super) fn decompress(
     }
     if !partial {
         if rc.pos != src.len() {
-            return Err(err(format!("{} bytes of input left after the output is full", src.len() - rc.pos)));
+            return Err(err(format!(
+                "{} bytes of input left after the output is full",
+                src.len() - rc.pos
+            )));
         }
         if cut_short > 0 {
             return Err(err("last match runs past the expected length"));

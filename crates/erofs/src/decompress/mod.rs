@@ -50,7 +50,12 @@ pub enum Algorithm {
 
 impl Algorithm {
     /// All algorithms, in on-disk id order.
-    pub const ALL: [Algorithm; 4] = [Algorithm::Lz4, Algorithm::Lzma, Algorithm::Deflate, Algorithm::Zstd];
+    pub const ALL: [Algorithm; 4] = [
+        Algorithm::Lz4,
+        Algorithm::Lzma,
+        Algorithm::Deflate,
+        Algorithm::Zstd,
+    ];
 
     /// The on-disk id.
     pub fn id(self) -> u8 {
@@ -88,7 +93,9 @@ impl TryFrom<u8> for Algorithm {
             1 => Ok(Algorithm::Lzma),
             2 => Ok(Algorithm::Deflate),
             3 => Ok(Algorithm::Zstd),
-            _ => Err(Error::Incompatible(format!("unknown compression algorithm {id}"))),
+            _ => Err(Error::Incompatible(format!(
+                "unknown compression algorithm {id}"
+            ))),
         }
     }
 }
@@ -108,7 +115,10 @@ pub struct Lz4Config {
 
 impl Default for Lz4Config {
     fn default() -> Self {
-        Lz4Config { max_distance: 0, max_pclusterblks: 1 }
+        Lz4Config {
+            max_distance: 0,
+            max_pclusterblks: 1,
+        }
     }
 }
 
@@ -123,7 +133,9 @@ impl Default for LzmaConfig {
     /// The kernel refuses LZMA images without a cfg record; the default
     /// is the largest dictionary it would accept.
     fn default() -> Self {
-        LzmaConfig { dict_size: LZMA_MAX_DICT_SIZE }
+        LzmaConfig {
+            dict_size: LZMA_MAX_DICT_SIZE,
+        }
     }
 }
 
@@ -137,7 +149,9 @@ pub struct DeflateConfig {
 
 impl Default for DeflateConfig {
     fn default() -> Self {
-        DeflateConfig { windowbits: DEFLATE_MAX_WINDOWBITS }
+        DeflateConfig {
+            windowbits: DEFLATE_MAX_WINDOWBITS,
+        }
     }
 }
 
@@ -153,7 +167,9 @@ impl Default for ZstdConfig {
     /// The kernel refuses Zstandard images without a cfg record; the
     /// default is the largest window it would accept.
     fn default() -> Self {
-        ZstdConfig { max_window_size: ZSTD_MAX_WINDOW_SIZE }
+        ZstdConfig {
+            max_window_size: ZSTD_MAX_WINDOW_SIZE,
+        }
     }
 }
 
@@ -220,35 +236,48 @@ pub fn parse_cfg(alg: Algorithm, record: &[u8]) -> Result<AlgConfig, Error> {
             let max_distance = le16(0);
             // 0 is a reserved value the kernel reads as one block.
             let max_pclusterblks = le16(2).max(1);
-            Ok(AlgConfig::Lz4(Lz4Config { max_distance, max_pclusterblks }))
+            Ok(AlgConfig::Lz4(Lz4Config {
+                max_distance,
+                max_pclusterblks,
+            }))
         }
         Algorithm::Lzma => {
             let dict_size = u32::from_le_bytes([record[0], record[1], record[2], record[3]]);
             let format = le16(4);
             if format != 0 {
-                return Err(Error::Incompatible(format!("unknown lzma format {format:#x}")));
+                return Err(Error::Incompatible(format!(
+                    "unknown lzma format {format:#x}"
+                )));
             }
             if !(LZMA_MIN_DICT_SIZE..=LZMA_MAX_DICT_SIZE).contains(&dict_size) {
-                return Err(Error::Incompatible(format!("unsupported lzma dictionary size {dict_size}")));
+                return Err(Error::Incompatible(format!(
+                    "unsupported lzma dictionary size {dict_size}"
+                )));
             }
             Ok(AlgConfig::Lzma(LzmaConfig { dict_size }))
         }
         Algorithm::Deflate => {
             let windowbits = record[0];
             if windowbits > DEFLATE_MAX_WINDOWBITS {
-                return Err(Error::Incompatible(format!("unsupported deflate windowbits {windowbits}")));
+                return Err(Error::Incompatible(format!(
+                    "unsupported deflate windowbits {windowbits}"
+                )));
             }
             Ok(AlgConfig::Deflate(DeflateConfig { windowbits }))
         }
         Algorithm::Zstd => {
             let (format, windowlog) = (record[0], record[1]);
             if format != 0 {
-                return Err(Error::Incompatible(format!("unknown zstd format {format:#x}")));
+                return Err(Error::Incompatible(format!(
+                    "unknown zstd format {format:#x}"
+                )));
             }
             // ilog2(1 MiB) - 10: the window the kernel's decoder is sized for.
             let max_log = ZSTD_MAX_WINDOW_SIZE.ilog2() as u8 - ZSTD_WINDOWLOG_ABSOLUTEMIN;
             if windowlog > max_log {
-                return Err(Error::Incompatible(format!("unsupported zstd window log {windowlog}")));
+                return Err(Error::Incompatible(format!(
+                    "unsupported zstd window log {windowlog}"
+                )));
             }
             let max_window_size = 1u32 << (windowlog + ZSTD_WINDOWLOG_ABSOLUTEMIN);
             Ok(AlgConfig::Zstd(ZstdConfig { max_window_size }))
@@ -266,7 +295,10 @@ pub struct DecompressError {
 
 impl DecompressError {
     pub(crate) fn new(alg: Algorithm, msg: impl Into<Cow<'static, str>>) -> Self {
-        DecompressError { alg, msg: msg.into() }
+        DecompressError {
+            alg,
+            msg: msg.into(),
+        }
     }
 
     /// The algorithm whose stream was bad.
@@ -308,7 +340,9 @@ impl Decompressor {
     /// over 1 MiB.
     pub fn new(config: Config, block_size: u32) -> Result<Self, Error> {
         if !block_size.is_power_of_two() || block_size < 512 {
-            return Err(Error::corrupt(format!("block size {block_size} is not a power of two >= 512")));
+            return Err(Error::corrupt(format!(
+                "block size {block_size} is not a power of two >= 512"
+            )));
         }
         let lz4_max = u64::from(config.lz4.max_pclusterblks) * u64::from(block_size);
         if lz4_max > PCLUSTER_MAX_SIZE as u64 {
@@ -318,7 +352,8 @@ impl Decompressor {
             )));
         }
         // usize is at least 32 bits on every target we build for.
-        let block_size = usize::try_from(block_size).map_err(|_| Error::corrupt("block size too large"))?;
+        let block_size =
+            usize::try_from(block_size).map_err(|_| Error::corrupt("block size too large"))?;
         Ok(Decompressor { config, block_size })
     }
 
@@ -351,10 +386,16 @@ impl Decompressor {
         zero_padding: bool,
     ) -> Result<(), DecompressError> {
         if src.len() > PCLUSTER_MAX_SIZE {
-            return Err(DecompressError::new(alg, format!("pcluster of {} bytes is over 1 MiB", src.len())));
+            return Err(DecompressError::new(
+                alg,
+                format!("pcluster of {} bytes is over 1 MiB", src.len()),
+            ));
         }
         if dst.len() > PCLUSTER_MAX_DSIZE {
-            return Err(DecompressError::new(alg, format!("decoded length {} is over 12 MiB", dst.len())));
+            return Err(DecompressError::new(
+                alg,
+                format!("decoded length {} is over 12 MiB", dst.len()),
+            ));
         }
         let (src, partial) = match alg {
             Algorithm::Lz4 if !zero_padding => (src, true),
@@ -370,11 +411,18 @@ impl Decompressor {
 
     /// The kernel's `z_erofs_fixup_insize`: the stream starts at the first
     /// non-zero byte, which must lie in the first block.
-    fn skip_zero_padding<'a>(&self, alg: Algorithm, src: &'a [u8]) -> Result<&'a [u8], DecompressError> {
+    fn skip_zero_padding<'a>(
+        &self,
+        alg: Algorithm,
+        src: &'a [u8],
+    ) -> Result<&'a [u8], DecompressError> {
         let scan = &src[..src.len().min(self.block_size)];
         match scan.iter().position(|&b| b != 0) {
             Some(start) => Ok(&src[start..]),
-            None => Err(DecompressError::new(alg, "no data in the first block of the pcluster")),
+            None => Err(DecompressError::new(
+                alg,
+                "no data in the first block of the pcluster",
+            )),
         }
     }
 }

@@ -23,14 +23,20 @@ fn err(msg: impl Into<std::borrow::Cow<'static, str>>) -> DecompressError {
 /// The window size a frame header asks for (RFC 8878, 3.1.1.1): the
 /// window descriptor, or the content size for single-segment frames.
 fn frame_window_size(src: &[u8]) -> Result<u64, DecompressError> {
-    let magic = src.get(..4).ok_or_else(|| err("input too short for a frame header"))?;
+    let magic = src
+        .get(..4)
+        .ok_or_else(|| err("input too short for a frame header"))?;
     if u32::from_le_bytes([magic[0], magic[1], magic[2], magic[3]]) != ZSTD_MAGIC {
         return Err(err("not a zstd frame"));
     }
-    let fhd = *src.get(4).ok_or_else(|| err("input too short for a frame header"))?;
+    let fhd = *src
+        .get(4)
+        .ok_or_else(|| err("input too short for a frame header"))?;
     let single_segment = fhd & 0x20 != 0;
     if !single_segment {
-        let wd = *src.get(5).ok_or_else(|| err("input too short for a frame header"))?;
+        let wd = *src
+            .get(5)
+            .ok_or_else(|| err("input too short for a frame header"))?;
         let log = 10 + u32::from(wd >> 3);
         let base = 1u64 << log;
         return Ok(base + (base / 8) * u64::from(wd & 7));
@@ -38,7 +44,9 @@ fn frame_window_size(src: &[u8]) -> Result<u64, DecompressError> {
     let dict_id_len = [0usize, 1, 2, 4][usize::from(fhd & 3)];
     let fcs_at = 5 + dict_id_len;
     let fcs_len = [1usize, 2, 4, 8][usize::from(fhd >> 6)];
-    let fcs = src.get(fcs_at..fcs_at + fcs_len).ok_or_else(|| err("input too short for a frame header"))?;
+    let fcs = src
+        .get(fcs_at..fcs_at + fcs_len)
+        .ok_or_else(|| err("input too short for a frame header"))?;
     let mut le = [0u8; 8];
     le[..fcs_len].copy_from_slice(fcs);
     let size = u64::from_le_bytes(le);
@@ -49,7 +57,9 @@ fn frame_window_size(src: &[u8]) -> Result<u64, DecompressError> {
 /// Move whatever the decoder can give into `dst[*op..]`.
 fn drain(dec: &mut FrameDecoder, dst: &mut [u8], op: &mut usize) -> Result<(), DecompressError> {
     while *op < dst.len() {
-        let n = dec.read(&mut dst[*op..]).map_err(|e| err(format!("draining the decoder: {e}")))?;
+        let n = dec
+            .read(&mut dst[*op..])
+            .map_err(|e| err(format!("draining the decoder: {e}")))?;
         if n == 0 {
             break;
         }
@@ -79,7 +89,8 @@ pub(super) fn decompress(
     }
     let mut input = src;
     let mut dec = FrameDecoder::new();
-    dec.reset(&mut input).map_err(|e| err(format!("frame header: {e}")))?;
+    dec.reset(&mut input)
+        .map_err(|e| err(format!("frame header: {e}")))?;
     let mut op = 0usize;
     loop {
         let finished = dec
@@ -100,7 +111,9 @@ pub(super) fn decompress(
             return Err(err(format!("frame ends after {op} of {} bytes", dst.len())));
         }
     }
-    if let (Some(stored), Some(computed)) = (dec.get_checksum_from_data(), dec.get_calculated_checksum()) {
+    if let (Some(stored), Some(computed)) =
+        (dec.get_checksum_from_data(), dec.get_calculated_checksum())
+    {
         if stored != computed {
             return Err(err("content checksum mismatch"));
         }
