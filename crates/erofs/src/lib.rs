@@ -9,6 +9,7 @@
 //! they are served (FUSE, a CLI): it is the on-disk format and nothing else.
 #![forbid(unsafe_code)]
 
+pub mod decompress;
 pub mod error;
 pub mod read;
 
