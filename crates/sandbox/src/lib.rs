@@ -1,0 +1,705 @@
+//! Confinement of the immount FUSE server: once its mount is up, the process
+//! that parses hostile images gives up everything that serving does not
+//! need, so that a parser bug gains an attacker nothing.
+//!
+//! [`apply`] is the one entry point. The server calls it after the mount is
+//! up and every descriptor it will use is open (`/dev/fuse` and its clones —
+//! cloning needs to open `/dev/fuse`, impossible afterwards — the image and
+//! device fds, the log pipe), and before it serves.
+//!
+//! # Threads
+//!
+//! `apply` must run while the process is single-threaded, and refuses
+//! otherwise ([`SandboxError::Threaded`]): capabilities, `setresuid` as the
+//! kernel sees it, landlock domains and user namespaces are per thread or
+//! need a lone thread. Worker threads are started *after* `apply` returns;
+//! they inherit everything. The seccomp filter lets `clone` make threads
+//! (never processes) when [`SandboxConfig::allow_threads`] is set, and is
+//! installed with `SECCOMP_FILTER_FLAG_TSYNC` all the same.
+//!
+//! # Order
+//!
+//! The steps run in a fixed order, each after what it depends on (as
+//! virtiofsd does):
+//! 1. close every descriptor not kept (`close_range`);
+//! 2. limits: `RLIMIT_NOFILE`, `RLIMIT_CORE` = 0, `RLIMIT_DATA`;
+//! 3. namespaces: network, IPC and mount (as root directly, otherwise in a
+//!    user namespace), the root replaced by an empty read-only tmpfs;
+//! 4. capability bounding and ambient sets emptied (needs `CAP_SETPCAP`,
+//!    so before the identity change);
+//! 5. identity, as root: `setgroups([])`, `setresgid`, `setresuid`,
+//!    process-wide;
+//! 6. `RLIMIT_NPROC` = 0 when no threads are wanted (after the uid change:
+//!    the limit counts the tasks of the real uid);
+//! 7. the remaining capability sets emptied;
+//! 8. `PR_SET_DUMPABLE` 0 (after the identity change, which resets it);
+//! 9. `no_new_privs`;
+//! 10. landlock: every filesystem and network right handled, every scope,
+//!     no rule (best ABI the kernel offers);
+//! 11. seccomp last, because it forbids the calls above.
+//!
+//! # When seccomp stops a syscall
+//!
+//! Forbidden syscalls are trapped (`SECCOMP_RET_TRAP`). A `SIGSYS` handler
+//! writes the syscall number to [`SandboxConfig::log_fd`] with one
+//! `write(2)` and the process then dies by `SIGSYS` (see
+//! `immount_sys::sandbox::install_sigsys_reporter`). The parent passes the
+//! wait status and the log to [`explain_exit`]. The forbidden call itself
+//! never runs.
+#![forbid(unsafe_code)]
+
+mod namespaces;
+mod seccomp;
+mod supervise;
+
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+
+use landlock::{
+    Access, AccessFs, AccessNet, LandlockStatus, Ruleset, RulesetAttr, RulesetStatus, Scope, ABI,
+};
+use rustix::process::{Resource, Rlimit};
+
+pub use supervise::{explain_exit, prepare_supervisor, supervise, unmount_lazy};
+
+/// The uid and gid "nobody", the default identity of a server started as
+/// root.
+pub const NOBODY: u32 = 65534;
+
+/// Default `RLIMIT_DATA`: 1 GiB.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 1 << 30;
+
+/// Default `RLIMIT_NOFILE`.
+pub const DEFAULT_MAX_OPEN_FILES: u64 = 256;
+
+/// What [`apply`] does. `Default` is the configuration to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxConfig {
+    /// Off only for debugging (`--no-sandbox`); [`apply`] then changes
+    /// nothing and says so in its report.
+    pub enabled: bool,
+    /// The uid to switch to when started as root (default 65534).
+    pub uid: u32,
+    /// The gid to switch to when started as root (default 65534).
+    pub gid: u32,
+    /// `RLIMIT_DATA` in bytes (default 1 GiB); `None` leaves it as it is.
+    ///
+    /// `RLIMIT_DATA` rather than `RLIMIT_AS`: it counts what the parser can
+    /// actually make the process allocate (heap, private writable mappings)
+    /// and not address space reserved but unused — thread stacks' guard
+    /// regions, malloc's per-thread arenas (64 MiB reservations each), a
+    /// read-only mapping of the image — that would make an address-space
+    /// cap either useless or a cause of spurious failures with many threads.
+    pub memory_limit: Option<u64>,
+    /// `RLIMIT_NOFILE` (default 256): descriptors the server may still make
+    /// (epoll instances, `F_DUPFD_CLOEXEC`); the kept ones stay valid
+    /// whatever their numbers.
+    pub max_open_files: u64,
+    /// Descriptors to keep open; every other one is closed. The standard
+    /// streams not listed point at `/dev/null` afterwards.
+    pub keep_fds: Vec<RawFd>,
+    /// Where a seccomp violation is reported (default: 2, stderr). Kept open
+    /// even if not in `keep_fds`; `None`: no report, the process still dies.
+    pub log_fd: Option<RawFd>,
+    /// Whether the server starts worker threads after [`apply`] (default
+    /// true): `clone` is then allowed for threads only. Without threads,
+    /// `RLIMIT_NPROC` is set to 0 and `clone` is forbidden too.
+    ///
+    /// `RLIMIT_NPROC` counts threads as well as processes, so with threads
+    /// it stays as it was; seccomp alone stops new processes.
+    pub allow_threads: bool,
+    /// Syscall numbers allowed with any arguments on top of the built-in
+    /// list (`socket` is refused: it is denied in any case).
+    pub extra_syscalls: Vec<i64>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            uid: NOBODY,
+            gid: NOBODY,
+            memory_limit: Some(DEFAULT_MEMORY_LIMIT),
+            max_open_files: DEFAULT_MAX_OPEN_FILES,
+            keep_fds: Vec::new(),
+            log_fd: Some(2),
+            allow_threads: true,
+            extra_syscalls: Vec::new(),
+        }
+    }
+}
+
+/// A step of [`apply`] that failed. Each step has its own variant, so that
+/// the message says which one.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SandboxError {
+    /// The configuration is unusable.
+    #[error("sandbox configuration: {0}")]
+    Config(String),
+    /// `apply` was called with more than one thread running.
+    #[error("the sandbox must be applied before threads start ({threads} threads running)")]
+    Threaded {
+        /// Threads found in `/proc/self/task`.
+        threads: usize,
+    },
+    /// Counting threads failed.
+    #[error("counting threads: {0}")]
+    Threads(#[source] io::Error),
+    /// Closing the descriptors not kept failed.
+    #[error("closing descriptors: {0}")]
+    CloseFds(#[source] io::Error),
+    /// Setting a resource limit failed.
+    #[error("setting {resource}: {source}")]
+    Rlimit {
+        /// The limit, e.g. `RLIMIT_NOFILE`.
+        resource: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Root could not make the network, IPC and mount namespaces, nor a user
+    /// namespace to make them in.
+    #[error("making namespaces: {0}")]
+    Namespaces(#[source] io::Error),
+    /// Mapping our ids in a new user namespace failed.
+    #[error("mapping ids in the user namespace: {0}")]
+    UserNamespace(#[source] io::Error),
+    /// Replacing the root with an empty tmpfs failed.
+    #[error("making an empty root in the mount namespace: {0}")]
+    MountNamespace(#[source] io::Error),
+    /// Emptying the capability bounding or ambient set failed.
+    #[error("dropping the capability bounding/ambient sets: {0}")]
+    BoundingSet(#[source] io::Error),
+    /// `setgroups`/`setresgid`/`setresuid` failed.
+    #[error("switching to uid {uid} gid {gid}: {source}")]
+    Identity {
+        /// Target uid.
+        uid: u32,
+        /// Target gid.
+        gid: u32,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Emptying the effective, permitted and inheritable sets failed.
+    #[error("dropping capabilities: {0}")]
+    Capabilities(#[source] io::Error),
+    /// `PR_SET_DUMPABLE` failed.
+    #[error("PR_SET_DUMPABLE 0: {0}")]
+    Dumpable(#[source] io::Error),
+    /// `PR_SET_NO_NEW_PRIVS` failed.
+    #[error("PR_SET_NO_NEW_PRIVS: {0}")]
+    NoNewPrivs(#[source] io::Error),
+    /// Landlock failed (not "unsupported", which is reported, but an error).
+    #[error("landlock: {0}")]
+    Landlock(#[source] landlock::RulesetError),
+    /// Installing the `SIGSYS` reporter failed.
+    #[error("installing the SIGSYS handler: {0}")]
+    SigsysHandler(#[source] io::Error),
+    /// Building or installing the seccomp filters failed.
+    #[error("seccomp: {0}")]
+    Seccomp(String),
+    /// No seccomp allowlist exists for this architecture.
+    #[error("no seccomp allowlist for architecture {0}")]
+    UnsupportedArch(&'static str),
+}
+
+/// Whether a best-effort step was done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Done.
+    Done,
+    /// Not done, and why.
+    Skipped(String),
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Done => f.write_str("yes"),
+            Step::Skipped(why) => write!(f, "no ({why})"),
+        }
+    }
+}
+
+/// What the landlock step applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LandlockReport {
+    /// The ABI used (the best both the kernel and the `landlock` crate
+    /// know), `None` when the kernel has no landlock.
+    pub abi: Option<u32>,
+    /// The kernel's own ABI version (may be newer than the crate knows).
+    pub kernel_abi: Option<u32>,
+    /// The `landlock` crate's verdict: `fully enforced` when the kernel
+    /// knows every right the crate does, `partially enforced` when it knows
+    /// fewer (every right of its ABI is still handled), `not enforced`.
+    pub status: String,
+}
+
+/// What the seccomp step installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeccompReport {
+    /// The architecture of the allowlist.
+    pub arch: &'static str,
+    /// Syscalls allowed (some only with given arguments).
+    pub syscalls: usize,
+    /// Of those, allowed only with given arguments.
+    pub conditional: usize,
+    /// Instructions of the BPF allowlist.
+    pub instructions: usize,
+}
+
+/// What [`apply`] did; `Display` prints it for a human.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxReport {
+    /// False when the sandbox was turned off; nothing else was done then.
+    pub enabled: bool,
+    /// Descriptors left open (sorted).
+    pub kept_fds: Vec<RawFd>,
+    /// Limits set: name and value (`None`: left as it was, with the reason
+    /// in `Display`).
+    pub rlimits: Vec<(&'static str, Option<u64>)>,
+    /// A user namespace was made (unprivileged start).
+    pub user_namespace: Step,
+    /// A network namespace was made.
+    pub net_namespace: Step,
+    /// An IPC namespace was made.
+    pub ipc_namespace: Step,
+    /// A mount namespace with an empty root was made.
+    pub mount_namespace: Step,
+    /// The uid after `apply` (real, effective and saved).
+    pub uid: u32,
+    /// The gid after `apply`.
+    pub gid: u32,
+    /// Whether `apply` changed the identity (started as root).
+    pub identity_changed: bool,
+    /// Whether the bounding and ambient sets were emptied.
+    pub bounding_set: Step,
+    /// The effective, permitted and inheritable sets are empty.
+    pub capabilities_dropped: bool,
+    /// `PR_SET_DUMPABLE` is 0.
+    pub not_dumpable: bool,
+    /// `no_new_privs` is set.
+    pub no_new_privs: bool,
+    /// The landlock step.
+    pub landlock: LandlockReport,
+    /// The seccomp step.
+    pub seccomp: Option<SeccompReport>,
+}
+
+impl SandboxReport {
+    fn disabled() -> Self {
+        let off = || Step::Skipped("sandbox disabled".into());
+        Self {
+            enabled: false,
+            kept_fds: Vec::new(),
+            rlimits: Vec::new(),
+            user_namespace: off(),
+            net_namespace: off(),
+            ipc_namespace: off(),
+            mount_namespace: off(),
+            uid: rustix::process::getuid().as_raw(),
+            gid: rustix::process::getgid().as_raw(),
+            identity_changed: false,
+            bounding_set: off(),
+            capabilities_dropped: false,
+            not_dumpable: false,
+            no_new_privs: false,
+            landlock: LandlockReport {
+                abi: None,
+                kernel_abi: None,
+                status: "not applied".into(),
+            },
+            seccomp: None,
+        }
+    }
+}
+
+impl fmt::Display for SandboxReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.enabled {
+            return writeln!(
+                f,
+                "sandbox: DISABLED (--no-sandbox): the server is not confined"
+            );
+        }
+        writeln!(f, "sandbox: enabled")?;
+        writeln!(f, "  kept fds:          {:?}", self.kept_fds)?;
+        for (name, value) in &self.rlimits {
+            match value {
+                Some(v) => writeln!(f, "  {name:<18} {v}")?,
+                None => writeln!(f, "  {name:<18} unchanged")?,
+            }
+        }
+        writeln!(f, "  user namespace:    {}", self.user_namespace)?;
+        writeln!(f, "  net namespace:     {}", self.net_namespace)?;
+        writeln!(f, "  ipc namespace:     {}", self.ipc_namespace)?;
+        writeln!(f, "  empty mount root:  {}", self.mount_namespace)?;
+        writeln!(
+            f,
+            "  identity:          uid {} gid {}{}",
+            self.uid,
+            self.gid,
+            if self.identity_changed {
+                " (switched from root, no supplementary groups)"
+            } else {
+                " (unchanged)"
+            }
+        )?;
+        writeln!(f, "  bounding/ambient:  {}", self.bounding_set)?;
+        writeln!(
+            f,
+            "  capabilities:      {}",
+            if self.capabilities_dropped {
+                "none"
+            } else {
+                "kept"
+            }
+        )?;
+        writeln!(
+            f,
+            "  dumpable:          {}",
+            if self.not_dumpable { "no" } else { "yes" }
+        )?;
+        writeln!(
+            f,
+            "  no_new_privs:      {}",
+            if self.no_new_privs { "yes" } else { "no" }
+        )?;
+        match self.landlock.abi {
+            Some(abi) => writeln!(
+                f,
+                "  landlock:          ABI {abi} (kernel {}): every filesystem and network right and scope of it handled, no rule ({})",
+                self.landlock.kernel_abi.map_or("?".to_owned(), |v| v.to_string()),
+                self.landlock.status
+            )?,
+            None => writeln!(f, "  landlock:          {}", self.landlock.status)?,
+        }
+        match &self.seccomp {
+            Some(s) => writeln!(
+                f,
+                "  seccomp:           {} syscalls allowed on {} ({} with restricted arguments, {} BPF instructions), anything else kills",
+                s.syscalls, s.arch, s.conditional, s.instructions
+            ),
+            None => writeln!(f, "  seccomp:           none"),
+        }
+    }
+}
+
+/// Counts the threads of this process.
+fn thread_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
+fn set_rlimit(name: &'static str, resource: Resource, value: u64) -> Result<(), SandboxError> {
+    rustix::process::setrlimit(
+        resource,
+        Rlimit {
+            current: Some(value),
+            maximum: Some(value),
+        },
+    )
+    .map_err(|e| SandboxError::Rlimit {
+        resource: name,
+        source: e.into(),
+    })
+}
+
+/// Highest capability number the kernel knows.
+fn last_capability() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63)
+        .min(63)
+}
+
+/// Empties the bounding and ambient sets; needs `CAP_SETPCAP`.
+fn drop_bounding_and_ambient(last_cap: u32) -> io::Result<()> {
+    use rustix::thread::CapabilitySet;
+    rustix::thread::clear_ambient_capability_set()?;
+    for cap in 0..=last_cap {
+        let set = CapabilitySet::from_bits_retain(1u64 << cap);
+        match rustix::thread::capability_is_in_bounding_set(set) {
+            Ok(false) => continue,
+            // Unknown to the kernel: nothing to drop.
+            Err(rustix::io::Errno::INVAL) => continue,
+            Ok(true) => rustix::thread::remove_capability_from_bounding_set(set)?,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn landlock_step() -> Result<LandlockReport, SandboxError> {
+    // The newest ABI the crate knows: BestEffort lowers it to the kernel's.
+    let abi = ABI::V10;
+    let status = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .and_then(|r| r.handle_access(AccessNet::from_all(abi)))
+        .and_then(|r| r.scope(Scope::from_all(abi)))
+        .and_then(|r| r.create())
+        .and_then(|r| r.restrict_self())
+        .map_err(SandboxError::Landlock)?;
+    let abi = match status.landlock {
+        LandlockStatus::Available { effective_abi, .. } => Some(effective_abi as u32),
+        _ => None,
+    };
+    let status = match status.ruleset {
+        RulesetStatus::FullyEnforced => "fully enforced",
+        RulesetStatus::PartiallyEnforced => "partially enforced",
+        RulesetStatus::NotEnforced => "not enforced (kernel without landlock)",
+    };
+    Ok(LandlockReport {
+        abi,
+        kernel_abi: immount_sys::sandbox::landlock_abi_version(),
+        status: status.to_owned(),
+    })
+}
+
+/// Confines the calling process; see the crate documentation for the order
+/// of the steps. On error the process is partly confined and should exit.
+pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
+    if !cfg.enabled {
+        return Ok(SandboxReport::disabled());
+    }
+    if cfg.extra_syscalls.contains(&seccomp::DIE_SYSCALL) {
+        return Err(SandboxError::Config(
+            "socket() cannot be allowed: the sandbox denies it in any case".into(),
+        ));
+    }
+    let threads = thread_count().map_err(SandboxError::Threads)?;
+    if threads != 1 {
+        return Err(SandboxError::Threaded { threads });
+    }
+    let euid = rustix::process::geteuid().as_raw();
+    let egid = rustix::process::getegid().as_raw();
+    if euid == 0 && (cfg.uid == 0 || cfg.gid == 0) {
+        return Err(SandboxError::Config(
+            "started as root, the server must switch to a uid and gid other than 0".into(),
+        ));
+    }
+    // Read before the mount namespace hides /proc.
+    let last_cap = last_capability();
+    let own_pid = rustix::process::getpid().as_raw_pid().unsigned_abs();
+    // Built before anything is dropped, so a build error leaves the process
+    // untouched.
+    let filters = seccomp::build(cfg.allow_threads, &cfg.extra_syscalls, own_pid)?;
+
+    // 1. Descriptors.
+    let mut keep = cfg.keep_fds.clone();
+    keep.extend(cfg.log_fd);
+    keep.sort_unstable();
+    keep.dedup();
+    immount_sys::sandbox::close_fds_except(&keep).map_err(SandboxError::CloseFds)?;
+
+    // 2. Limits that do not depend on the uid.
+    let mut rlimits = Vec::new();
+    set_rlimit("RLIMIT_NOFILE", Resource::Nofile, cfg.max_open_files)?;
+    rlimits.push(("RLIMIT_NOFILE", Some(cfg.max_open_files)));
+    set_rlimit("RLIMIT_CORE", Resource::Core, 0)?;
+    rlimits.push(("RLIMIT_CORE", Some(0)));
+    if let Some(limit) = cfg.memory_limit {
+        set_rlimit("RLIMIT_DATA", Resource::Data, limit)?;
+    }
+    rlimits.push(("RLIMIT_DATA", cfg.memory_limit));
+
+    // 3. Namespaces and the empty root.
+    let made = namespaces::enter(euid, egid)?;
+
+    // 4. Bounding and ambient sets, while CAP_SETPCAP is still held (as
+    //    root, or by anyone in the new user namespace).
+    let bounding_set = match drop_bounding_and_ambient(last_cap) {
+        Ok(()) => Step::Done,
+        Err(e) if made.privileged || made.user == Step::Done => {
+            return Err(SandboxError::BoundingSet(e))
+        }
+        // Unprivileged without a user namespace: the bounding set only
+        // matters across execve of a privileged binary, which no_new_privs
+        // and seccomp already rule out.
+        Err(e) => Step::Skipped(format!("no CAP_SETPCAP: {e}")),
+    };
+
+    // 5. Identity, process-wide.
+    let identity_changed = made.privileged;
+    if made.privileged {
+        immount_sys::sandbox::set_process_ids(cfg.uid, cfg.gid).map_err(|source| {
+            SandboxError::Identity {
+                uid: cfg.uid,
+                gid: cfg.gid,
+                source,
+            }
+        })?;
+    }
+
+    // 6. No new processes (threads count as well, hence only without them).
+    if cfg.allow_threads {
+        rlimits.push(("RLIMIT_NPROC", None));
+    } else {
+        set_rlimit("RLIMIT_NPROC", Resource::Nproc, 0)?;
+        rlimits.push(("RLIMIT_NPROC", Some(0)));
+    }
+
+    // 7. Every remaining capability.
+    rustix::thread::set_capabilities(
+        None,
+        rustix::thread::CapabilitySets {
+            effective: rustix::thread::CapabilitySet::empty(),
+            permitted: rustix::thread::CapabilitySet::empty(),
+            inheritable: rustix::thread::CapabilitySet::empty(),
+        },
+    )
+    .map_err(|e| SandboxError::Capabilities(e.into()))?;
+
+    // 8. Not dumpable: no core, and other processes of the same uid cannot
+    //    ptrace us or read /proc/PID/mem.
+    rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+        .map_err(|e| SandboxError::Dumpable(e.into()))?;
+
+    // 9. no_new_privs (landlock and seccomp need it unprivileged anyway).
+    rustix::thread::set_no_new_privs(true).map_err(|e| SandboxError::NoNewPrivs(e.into()))?;
+
+    // 10. Landlock.
+    let landlock = landlock_step()?;
+
+    // Read for the report while getuid is still allowed.
+    let (uid, gid) = (
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    );
+
+    // 11. Seccomp, last.
+    immount_sys::sandbox::install_sigsys_reporter(cfg.log_fd.unwrap_or(-1), seccomp::DIE_SYSCALL)
+        .map_err(SandboxError::SigsysHandler)?;
+    seccomp::install(&filters)?;
+
+    Ok(SandboxReport {
+        enabled: true,
+        kept_fds: keep,
+        rlimits,
+        user_namespace: made.user,
+        net_namespace: made.net,
+        ipc_namespace: made.ipc,
+        mount_namespace: made.mount,
+        uid,
+        gid,
+        identity_changed,
+        bounding_set,
+        capabilities_dropped: true,
+        not_dumpable: true,
+        no_new_privs: true,
+        landlock,
+        seccomp: Some(SeccompReport {
+            arch: seccomp::ARCH,
+            syscalls: filters.syscalls,
+            conditional: filters.conditional,
+            instructions: filters.allowlist.len(),
+        }),
+    })
+}
+
+/// What confinement the calling process is under, read from `/proc/self`
+/// (for `--sandbox-report`). Call it outside the sandbox: inside, opening
+/// `/proc` is itself forbidden; there use the [`SandboxReport`] of
+/// [`apply`], or [`report_process`] from the supervisor.
+pub fn report_current() -> String {
+    report_process_at("/proc/self")
+}
+
+/// What confinement process `pid` is under, read from `/proc/PID` (the
+/// supervisor reports on its confined server this way).
+pub fn report_process(pid: u32) -> String {
+    report_process_at(&format!("/proc/{pid}"))
+}
+
+fn report_process_at(dir: &str) -> String {
+    let mut out = String::new();
+    match std::fs::read_to_string(format!("{dir}/status")) {
+        Ok(status) => {
+            for line in status.lines() {
+                let key = line.split(':').next().unwrap_or("");
+                if matches!(
+                    key,
+                    "Uid"
+                        | "Gid"
+                        | "Groups"
+                        | "CapInh"
+                        | "CapPrm"
+                        | "CapEff"
+                        | "CapBnd"
+                        | "CapAmb"
+                        | "NoNewPrivs"
+                        | "Seccomp"
+                        | "Seccomp_filters"
+                        | "Threads"
+                ) {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        Err(e) => out.push_str(&format!("{dir}/status: {e}\n")),
+    }
+    for ns in ["user", "net", "mnt", "ipc"] {
+        let host = std::fs::read_link(format!("/proc/1/ns/{ns}")).ok();
+        match std::fs::read_link(format!("{dir}/ns/{ns}")) {
+            Ok(link) => {
+                let own = if host.as_ref() == Some(&link) {
+                    " (same as pid 1)"
+                } else if host.is_some() {
+                    " (own)"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("ns/{ns}: {}{own}\n", link.display()));
+            }
+            Err(e) => out.push_str(&format!("ns/{ns}: {e}\n")),
+        }
+    }
+    match std::fs::read_dir(format!("{dir}/fd")) {
+        Ok(entries) => {
+            let mut fds: Vec<String> = entries
+                .filter_map(Result::ok)
+                .map(|e| {
+                    let target = std::fs::read_link(e.path())
+                        .map(|t| t.display().to_string())
+                        .unwrap_or_else(|_| "?".into());
+                    format!("{} -> {target}", e.file_name().to_string_lossy())
+                })
+                .collect();
+            fds.sort();
+            out.push_str(&format!("fds: {}\n", fds.join(", ")));
+        }
+        Err(e) => out.push_str(&format!("{dir}/fd: {e}\n")),
+    }
+    for (name, resource) in [
+        ("RLIMIT_NOFILE", Resource::Nofile),
+        ("RLIMIT_CORE", Resource::Core),
+        ("RLIMIT_NPROC", Resource::Nproc),
+        ("RLIMIT_DATA", Resource::Data),
+        ("RLIMIT_AS", Resource::As),
+    ] {
+        if dir == "/proc/self" {
+            let limit = rustix::process::getrlimit(resource);
+            let show = |v: Option<u64>| v.map_or("unlimited".to_owned(), |v| v.to_string());
+            out.push_str(&format!(
+                "{name}: {} (max {})\n",
+                show(limit.current),
+                show(limit.maximum)
+            ));
+        }
+    }
+    if dir != "/proc/self" {
+        if let Ok(limits) = std::fs::read_to_string(format!("{dir}/limits")) {
+            out.push_str(&limits);
+        }
+    }
+    out.push_str(&format!(
+        "landlock: kernel ABI {} (a process's own landlock domain is not visible in /proc)\n",
+        immount_sys::sandbox::landlock_abi_version()
+            .map_or("unsupported".to_owned(), |v| v.to_string())
+    ));
+    out
+}

@@ -1,0 +1,738 @@
+//! Confinement tests: each test re-executes this binary with a scenario in
+//! `IMMOUNT_SANDBOX_SCENARIO`; the child applies the sandbox (the same
+//! `sandbox::apply` the server calls) and does something, and the parent —
+//! itself never confined — watches it from outside: `/proc/PID`, the wait
+//! status and the child's log.
+//!
+//! The harness is our own (`harness = false`): libtest runs each test on a
+//! thread of its own, and the sandbox must be applied by a single-threaded
+//! process. The child talks to the parent over its standard streams: stdin
+//! is a control pipe, stdout carries result lines, stderr is the log the
+//! `SIGSYS` handler writes to.
+//!
+//! The tests need root (namespaces, switching uid, starting a child as
+//! `nobody`); without it they are reported as ignored.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+
+use sandbox::{apply, explain_exit, SandboxConfig};
+
+const SCENARIO_ENV: &str = "IMMOUNT_SANDBOX_SCENARIO";
+const DATA_ENV: &str = "IMMOUNT_SANDBOX_DATA";
+
+type TestResult = Result<(), String>;
+
+/// A named test.
+type Test = (&'static str, fn() -> TestResult);
+
+fn ensure(cond: bool, msg: impl FnOnce() -> String) -> TestResult {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg())
+    }
+}
+
+fn main() -> ExitCode {
+    if let Ok(scenario) = std::env::var(SCENARIO_ENV) {
+        return child::run(&scenario);
+    }
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let tests: &[Test] = &[
+        ("status_of_a_confined_child_started_as_root", status_as_root),
+        (
+            "status_of_a_confined_child_started_as_nobody",
+            status_as_nobody,
+        ),
+        ("kept_pipes_and_files_still_work", kept_fds_work),
+        ("threaded_workload_runs_under_the_filter", workload),
+        ("memory_limit_stops_a_large_allocation", memory_limit),
+        ("open_etc_passwd_is_killed", open_passwd),
+        ("socket_is_killed", socket),
+        ("execve_is_killed", execve),
+        ("ptrace_is_killed", ptrace),
+        ("mount_is_killed", mount),
+        ("writing_a_new_file_is_killed", write_file),
+        ("empty_root_and_landlock_stand_behind_seccomp", layers),
+        ("without_threads_clone_is_killed", no_threads),
+        ("ptrace_from_outside_is_denied", ptrace_from_outside),
+    ];
+    let selected: Vec<_> = tests
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    let filtered_out = tests.len() - selected.len();
+    let root = rustix::process::geteuid().is_root();
+    println!("\nrunning {} tests", selected.len());
+    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
+    let mut failures = Vec::new();
+    for (name, test) in selected {
+        if !root {
+            println!("test {name} ... ignored, needs root");
+            ignored += 1;
+            continue;
+        }
+        match test() {
+            Ok(()) => {
+                println!("test {name} ... ok");
+                passed += 1;
+            }
+            Err(msg) => {
+                println!("test {name} ... FAILED");
+                failures.push((name, msg));
+                failed += 1;
+            }
+        }
+    }
+    for (name, msg) in &failures {
+        println!("\n---- {name} ----\n{msg}");
+    }
+    let verdict = if failed == 0 { "ok" } else { "FAILED" };
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {failed} failed; {ignored} ignored; 0 measured; {filtered_out} filtered out\n"
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// A copy of this binary that `nobody` can execute even when the build
+/// directory is private (a CI clone under /root).
+fn public_exe() -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("immount-sandbox-test-{}", std::process::id()));
+    let exe = dir.join("confinement");
+    if !exe.exists() {
+        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+        let me = std::env::current_exe().map_err(|e| e.to_string())?;
+        std::fs::copy(&me, &exe).map_err(|e| format!("copying the test binary: {e}"))?;
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(exe)
+}
+
+struct Spawned {
+    child: Child,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+/// Starts the scenario in a child, as `nobody` when `as_nobody`.
+fn spawn(scenario: &str, as_nobody: bool) -> Result<Spawned, String> {
+    let exe = if as_nobody {
+        public_exe()?
+    } else {
+        std::env::current_exe().map_err(|e| e.to_string())?
+    };
+    let mut cmd = Command::new(&exe);
+    cmd.env(SCENARIO_ENV, scenario)
+        .env(DATA_ENV, &exe)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if as_nobody {
+        // std drops the supplementary groups when switching from root.
+        cmd.uid(sandbox::NOBODY).gid(sandbox::NOBODY);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("spawning {scenario}: {e}"))?;
+    let stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+    Ok(Spawned { child, stdout })
+}
+
+impl Spawned {
+    /// Reads result lines until one starts with `marker`, returning all of
+    /// them.
+    fn read_until(&mut self, marker: &str) -> Result<Vec<String>, String> {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            let n = self
+                .stdout
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                let stderr = self.finish_stderr();
+                return Err(format!(
+                    "child ended before {marker:?}; stdout: {lines:?}; stderr: {stderr}"
+                ));
+            }
+            let line = line.trim_end().to_owned();
+            let done = line.starts_with(marker);
+            lines.push(line);
+            if done {
+                return Ok(lines);
+            }
+        }
+    }
+
+    fn finish_stderr(&mut self) -> String {
+        let mut s = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Closes stdin (the child's cue to end), waits, returns the status,
+    /// the remaining stdout and stderr.
+    fn finish(mut self) -> Result<(ExitStatus, String, String), String> {
+        drop(self.child.stdin.take());
+        let mut out = String::new();
+        self.stdout
+            .read_to_string(&mut out)
+            .map_err(|e| e.to_string())?;
+        let err = self.finish_stderr();
+        let status = self.child.wait().map_err(|e| e.to_string())?;
+        Ok((status, out, err))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|r| r.strip_prefix(':')))
+        .map(str::trim)
+}
+
+/// The checks on a running confined child from outside.
+fn check_running_child(s: &Spawned, expect_uid: u32, expect_identity_line: bool) -> TestResult {
+    let pid = s.pid();
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    let field = |k| status_field(&status, k).unwrap_or("<missing>");
+    ensure(field("Seccomp") == "2", || {
+        format!("Seccomp: {}\n{status}", field("Seccomp"))
+    })?;
+    ensure(field("Seccomp_filters") == "2", || {
+        format!("Seccomp_filters: {}", field("Seccomp_filters"))
+    })?;
+    ensure(field("NoNewPrivs") == "1", || {
+        format!("NoNewPrivs: {}", field("NoNewPrivs"))
+    })?;
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        ensure(field(cap) == "0000000000000000", || {
+            format!("{cap}: {}", field(cap))
+        })?;
+    }
+    let uids: Vec<&str> = field("Uid").split_whitespace().collect();
+    ensure(uids.iter().all(|u| *u == expect_uid.to_string()), || {
+        format!("Uid: {uids:?}, expected {expect_uid}")
+    })?;
+    ensure(!uids.contains(&"0"), || "the confined child is root".into())?;
+    if expect_identity_line {
+        ensure(field("Groups").is_empty(), || {
+            format!("Groups: {}", field("Groups"))
+        })?;
+    }
+
+    // Only the kept descriptors: the three pipes and the data file.
+    let fds: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(|e| e.to_string())?
+        .filter_map(Result::ok)
+        .map(|e| {
+            let target = std::fs::read_link(e.path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            format!("{}={}", e.file_name().to_string_lossy(), target)
+        })
+        .collect();
+    ensure(fds.len() == 4, || format!("open fds: {fds:?}"))?;
+    for fd in 0..3 {
+        ensure(
+            fds.iter().any(|f| f.starts_with(&format!("{fd}=pipe:"))),
+            || format!("fd {fd} is not the kept pipe: {fds:?}"),
+        )?;
+    }
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| e.to_string())?;
+    ensure(fds.contains(&format!("3={}", exe.display())), || {
+        format!("data fd missing: {fds:?}")
+    })?;
+
+    // Namespaces other than ours.
+    for ns in ["net", "mnt", "ipc"] {
+        let theirs =
+            std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).map_err(|e| e.to_string())?;
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).map_err(|e| e.to_string())?;
+        ensure(theirs != ours, || {
+            format!("same {ns} namespace as the parent: {}", ours.display())
+        })?;
+    }
+    // Limits.
+    let limits =
+        std::fs::read_to_string(format!("/proc/{pid}/limits")).map_err(|e| e.to_string())?;
+    let limit = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    ensure(limit("Max core file size").contains("size 0 0"), || {
+        limit("Max core file size")
+    })?;
+    ensure(
+        limit("Max data size").contains(&format!(
+            "{} {}",
+            sandbox::DEFAULT_MEMORY_LIMIT,
+            sandbox::DEFAULT_MEMORY_LIMIT
+        )),
+        || limit("Max data size"),
+    )?;
+    ensure(
+        limit("Max open files").contains(&format!(
+            "{} {}",
+            sandbox::DEFAULT_MAX_OPEN_FILES,
+            sandbox::DEFAULT_MAX_OPEN_FILES
+        )),
+        || limit("Max open files"),
+    )?;
+    // The root the child sees is its empty tmpfs, not ours.
+    let root = std::fs::read_dir(format!("/proc/{pid}/root"));
+    match root {
+        Ok(entries) => ensure(entries.count() == 0, || {
+            "the child's root is not empty".into()
+        })?,
+        Err(e) => return Err(format!("/proc/{pid}/root: {e}")),
+    }
+    Ok(())
+}
+
+fn status_as_root() -> TestResult {
+    let mut s = spawn("status", false)?;
+    let lines = s.read_until("applied")?;
+    let checked = check_running_child(&s, sandbox::NOBODY, true);
+    let (status, _, err) = s.finish()?;
+    checked?;
+    ensure(status.success(), || {
+        format!("child: {status}; stderr: {err}")
+    })?;
+    let report = lines.join("\n");
+    for expected in [
+        "user namespace:    no (not needed",
+        "net namespace:     yes",
+        "landlock:          ABI",
+        "uid 65534 gid 65534 (switched from root",
+    ] {
+        ensure(report.contains(expected), || {
+            format!("report lacks {expected:?}:\n{report}")
+        })?;
+    }
+    Ok(())
+}
+
+fn status_as_nobody() -> TestResult {
+    let mut s = spawn("status", true)?;
+    let lines = s.read_until("applied")?;
+    let checked = check_running_child(&s, sandbox::NOBODY, false);
+    // The user namespace is the child's own, too.
+    let pid = s.pid();
+    let userns = std::fs::read_link(format!("/proc/{pid}/ns/user")).map_err(|e| e.to_string());
+    let ours = std::fs::read_link("/proc/self/ns/user").map_err(|e| e.to_string())?;
+    let (status, _, err) = s.finish()?;
+    checked?;
+    ensure(userns? != ours, || "no user namespace made".into())?;
+    ensure(status.success(), || {
+        format!("child: {status}; stderr: {err}")
+    })?;
+    let report = lines.join("\n");
+    for expected in [
+        "user namespace:    yes",
+        "net namespace:     yes",
+        "(unchanged)",
+        "no_new_privs:      yes",
+    ] {
+        ensure(report.contains(expected), || {
+            format!("report lacks {expected:?}:\n{report}")
+        })?;
+    }
+    Ok(())
+}
+
+fn kept_fds_work() -> TestResult {
+    let mut s = spawn("echo", false)?;
+    s.read_until("applied")?;
+    let stdin = s.child.stdin.as_mut().ok_or("no stdin")?;
+    stdin
+        .write_all(b"hello through the pipe\n")
+        .map_err(|e| e.to_string())?;
+    let lines = s.read_until("elf=")?;
+    let (status, _, err) = s.finish()?;
+    ensure(status.success(), || {
+        format!("child: {status}; stderr: {err}")
+    })?;
+    ensure(
+        lines.iter().any(|l| l == "echo: hello through the pipe"),
+        || format!("{lines:?}"),
+    )?;
+    ensure(lines.iter().any(|l| l == "elf=yes"), || {
+        format!("{lines:?}")
+    })?;
+    ensure(err.contains("log line after apply"), || {
+        format!("stderr: {err}")
+    })
+}
+
+fn workload() -> TestResult {
+    let s = spawn("workload", false)?;
+    let (status, out, err) = s.finish()?;
+    ensure(status.success(), || {
+        format!(
+            "child: {status} ({:?}); stdout: {out}; stderr: {err}",
+            explain_exit(status, err.as_bytes())
+        )
+    })?;
+    ensure(out.contains("workload=ok"), || format!("stdout: {out}"))
+}
+
+fn memory_limit() -> TestResult {
+    let s = spawn("memory", false)?;
+    let (status, out, err) = s.finish()?;
+    ensure(status.success(), || {
+        format!("child: {status}; stderr: {err}")
+    })?;
+    ensure(out.contains("reserve_2g=err"), || format!("stdout: {out}"))?;
+    ensure(out.contains("reserve_64m=ok"), || format!("stdout: {out}"))
+}
+
+/// Runs a scenario that must be killed by the filter at `syscall`.
+fn expect_killed(scenario: &str, syscall: &str) -> TestResult {
+    let s = spawn(scenario, false)?;
+    let (status, out, err) = s.finish()?;
+    ensure(out.contains("applied"), || {
+        format!("sandbox not applied: {out}; {err}")
+    })?;
+    ensure(!out.contains("survived"), || {
+        format!("the forbidden call returned: {out}")
+    })?;
+    ensure(status.signal() == Some(libc::SIGSYS), || {
+        format!("child: {status}; stderr: {err}")
+    })?;
+    let why = explain_exit(status, err.as_bytes()).ok_or("no explanation")?;
+    ensure(
+        why.contains(&format!("forbidden syscall {syscall} (")),
+        || format!("explanation: {why}; stderr: {err}"),
+    )
+}
+
+fn open_passwd() -> TestResult {
+    expect_killed("open_passwd", "openat")
+}
+
+fn socket() -> TestResult {
+    expect_killed("socket", "socket")
+}
+
+fn execve() -> TestResult {
+    expect_killed("execve", "execve")
+}
+
+fn ptrace() -> TestResult {
+    expect_killed("ptrace", "ptrace")
+}
+
+fn mount() -> TestResult {
+    expect_killed("mount", "mount")
+}
+
+fn write_file() -> TestResult {
+    expect_killed("write_file", "openat")?;
+    ensure(
+        !Path::new("/tmp/immount-sandbox-should-not-exist").exists(),
+        || "the file was created".into(),
+    )
+}
+
+/// Without threads, `clone` is trapped. glibc blocks every signal around
+/// `clone`, so the kernel kills the process with `SIGSYS` without running
+/// the reporting handler: the number cannot be logged, and the explanation
+/// says so.
+fn no_threads() -> TestResult {
+    let s = spawn("no_threads", false)?;
+    let (status, out, err) = s.finish()?;
+    ensure(out.contains("applied"), || {
+        format!("sandbox not applied: {out}; {err}")
+    })?;
+    ensure(!out.contains("survived"), || {
+        format!("a thread was made: {out}")
+    })?;
+    ensure(status.signal() == Some(libc::SIGSYS), || {
+        format!("child: {status}; stderr: {err}")
+    })?;
+    let why = explain_exit(status, err.as_bytes()).ok_or("no explanation")?;
+    ensure(why.contains("not logged"), || format!("explanation: {why}"))
+}
+
+fn layers() -> TestResult {
+    let s = spawn("layers", false)?;
+    let (status, out, err) = s.finish()?;
+    ensure(status.success(), || {
+        format!("child: {status}; stdout {out}; stderr: {err}")
+    })?;
+    // /etc/passwd does not exist in the empty root; the root directory
+    // itself cannot be read (landlock); nothing can be created (read-only
+    // root, and landlock behind it).
+    ensure(out.contains(&format!("passwd={}", libc::ENOENT)), || {
+        format!("stdout: {out}")
+    })?;
+    ensure(out.contains(&format!("rootdir={}", libc::EACCES)), || {
+        format!("stdout: {out}")
+    })?;
+    ensure(out.contains(&format!("create={}", libc::EROFS)), || {
+        format!("stdout: {out}")
+    })
+}
+
+/// A process of the same uid as a confined child cannot trace it: the child
+/// is not dumpable.
+fn ptrace_from_outside() -> TestResult {
+    let mut target = spawn("status", false)?;
+    target.read_until("applied")?;
+    let tracer = spawn_tracer(target.pid());
+    let (status, _, err) = target.finish()?;
+    ensure(status.success(), || format!("target: {status}; {err}"))?;
+    let out = tracer?;
+    ensure(
+        out.contains(&format!("ptrace_errno={}", libc::EPERM)),
+        || format!("tracer: {out}"),
+    )
+}
+
+fn spawn_tracer(pid: u32) -> Result<String, String> {
+    let exe = public_exe()?;
+    let out = Command::new(exe)
+        .env(SCENARIO_ENV, format!("tracer:{pid}"))
+        .uid(sandbox::NOBODY)
+        .gid(sandbox::NOBODY)
+        .output()
+        .map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The child side: apply the sandbox, then do what the scenario says.
+mod child {
+    use super::*;
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    fn say(line: &str) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+
+    fn errno(e: &std::io::Error) -> i32 {
+        e.raw_os_error().unwrap_or(-1)
+    }
+
+    pub fn run(scenario: &str) -> ExitCode {
+        if let Some(pid) = scenario.strip_prefix("tracer:") {
+            // Not confined: an ordinary process of uid nobody.
+            let pid: u32 = pid.parse().unwrap_or(0);
+            match immount_sys::sandbox::ptrace_attach_detach(pid) {
+                Ok(()) => say("ptrace_errno=0"),
+                Err(e) => say(&format!("ptrace_errno={}", errno(&e))),
+            }
+            return ExitCode::SUCCESS;
+        }
+        // A file held open across apply, as the server holds its image.
+        let data = match std::env::var_os(DATA_ENV).map(File::open) {
+            Some(Ok(f)) => f,
+            _ => {
+                eprintln!("no data file");
+                return ExitCode::from(3);
+            }
+        };
+        let mut cfg = SandboxConfig {
+            keep_fds: vec![0, 1, 2, data.as_raw_fd()],
+            ..SandboxConfig::default()
+        };
+        match scenario {
+            "no_threads" => cfg.allow_threads = false,
+            // std's exec() resets SIGPIPE before execve: allow that much so
+            // that the attempt reaches execve itself.
+            "execve" => cfg.extra_syscalls.push(libc::SYS_rt_sigaction),
+            // Let open through seccomp to show the layers behind it.
+            "layers" => cfg.extra_syscalls.push(libc::SYS_openat),
+            _ => {}
+        }
+        // Read now: getppid is not on the list.
+        let parent = std::os::unix::process::parent_id();
+        let report = match apply(&cfg) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("apply: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        for line in report.to_string().lines() {
+            say(&format!("report: {line}"));
+        }
+        say("applied");
+        match scenario {
+            "status" => {
+                // Wait for the parent to look at us, until stdin closes.
+                let mut buf = Vec::new();
+                let _ = std::io::stdin().read_to_end(&mut buf);
+            }
+            "echo" => {
+                let mut line = String::new();
+                let _ = std::io::stdin().read_line(&mut line);
+                say(&format!("echo: {}", line.trim_end()));
+                eprintln!("log line after apply");
+                let mut magic = [0u8; 4];
+                let ok = data.read_exact_at(&mut magic, 0).is_ok() && magic == *b"\x7fELF";
+                say(if ok { "elf=yes" } else { "elf=no" });
+            }
+            "workload" => return workload(&data),
+            "memory" => {
+                let mut v: Vec<u8> = Vec::new();
+                say(if v.try_reserve(2 << 30).is_err() {
+                    "reserve_2g=err"
+                } else {
+                    "reserve_2g=ok"
+                });
+                let mut v: Vec<u8> = Vec::new();
+                let ok = v.try_reserve(64 << 20).is_ok();
+                if ok {
+                    v.resize(64 << 20, 1);
+                }
+                say(if ok {
+                    "reserve_64m=ok"
+                } else {
+                    "reserve_64m=err"
+                });
+            }
+            "open_passwd" => {
+                let r = File::open("/etc/passwd");
+                say(&format!("survived: {r:?}"));
+            }
+            "socket" => {
+                let r = std::net::UdpSocket::bind("127.0.0.1:0");
+                say(&format!("survived: {r:?}"));
+            }
+            "execve" => {
+                let e = Command::new("/bin/true").exec();
+                say(&format!("survived: {e:?}"));
+            }
+            "ptrace" => {
+                let r = immount_sys::sandbox::ptrace_attach_detach(parent);
+                say(&format!("survived: {r:?}"));
+            }
+            "mount" => {
+                let r = rustix::mount::mount(
+                    "none",
+                    "/",
+                    "tmpfs",
+                    rustix::mount::MountFlags::empty(),
+                    None,
+                );
+                say(&format!("survived: {r:?}"));
+            }
+            "write_file" => {
+                let r = File::create("/tmp/immount-sandbox-should-not-exist");
+                say(&format!("survived: {r:?}"));
+            }
+            "no_threads" => {
+                let r = std::thread::Builder::new().spawn(|| 1).map(|h| h.join());
+                say(&format!("survived: {r:?}"));
+            }
+            "layers" => {
+                let passwd = File::open("/etc/passwd").map(drop).map_err(|e| errno(&e));
+                let rootdir = File::open("/").map(drop).map_err(|e| errno(&e));
+                let create = File::create("/new-file").map(drop).map_err(|e| errno(&e));
+                let show = |r: Result<(), i32>| r.err().unwrap_or(0);
+                say(&format!("passwd={}", show(passwd)));
+                say(&format!("rootdir={}", show(rootdir)));
+                say(&format!("create={}", show(create)));
+            }
+            other => {
+                eprintln!("unknown scenario {other}");
+                return ExitCode::from(4);
+            }
+        }
+        ExitCode::SUCCESS
+    }
+
+    /// What a FUSE server does while serving, on worker threads started
+    /// after apply: locks, channels, allocation, positional reads of the
+    /// image, metadata of a held file, sleeping, hashing.
+    fn workload(data: &File) -> ExitCode {
+        use std::collections::HashMap;
+        use std::sync::{mpsc, Arc, Condvar, Mutex};
+        let data = match data.try_clone() {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                say(&format!("try_clone: {e}"));
+                return ExitCode::from(5);
+            }
+        };
+        let len = data.metadata().map(|m| m.len()).unwrap_or(0);
+        let (tx, rx) = mpsc::channel();
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let mut workers = Vec::new();
+        for i in 0..4u64 {
+            let (tx, data, gate) = (tx.clone(), Arc::clone(&data), Arc::clone(&gate));
+            let spawned = std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || {
+                    let (lock, cv) = &*gate;
+                    let mut open = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    while !*open {
+                        open = cv.wait(open).unwrap_or_else(|e| e.into_inner());
+                    }
+                    drop(open);
+                    let mut map = HashMap::new();
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut sum = 0u64;
+                    for block in 0..64u64 {
+                        let off = (block * 4096 + i * 512) % len.max(1);
+                        let n = data.read_at(&mut buf, off).unwrap_or(0);
+                        sum = sum.wrapping_add(buf[..n].iter().map(|&b| u64::from(b)).sum::<u64>());
+                        map.insert(block, n);
+                    }
+                    let big = vec![7u8; 32 << 20];
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    let _ = tx.send((i, sum, map.len(), big.len()));
+                });
+            match spawned {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    say(&format!("spawn: {e}"));
+                    return ExitCode::from(6);
+                }
+            }
+        }
+        drop(tx);
+        {
+            let (lock, cv) = &*gate;
+            *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            cv.notify_all();
+        }
+        let results: Vec<_> = rx.iter().collect();
+        for w in workers {
+            let _ = w.join();
+        }
+        let ok = results.len() == 4 && results.iter().all(|r| r.2 == 64 && r.3 == 32 << 20);
+        say(&format!("results={results:?}"));
+        say(if ok { "workload=ok" } else { "workload=bad" });
+        ExitCode::SUCCESS
+    }
+}
