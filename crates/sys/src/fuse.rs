@@ -91,14 +91,23 @@ pub fn mount_fuse(
 
 /// `umount2(2)`; `lazy` detaches the mount now and lets it go when unused.
 pub fn unmount(target: &Path, lazy: bool) -> io::Result<()> {
-    let flags = if lazy { UnmountFlags::DETACH } else { UnmountFlags::empty() };
+    let flags = if lazy {
+        UnmountFlags::DETACH
+    } else {
+        UnmountFlags::empty()
+    };
     rustix::mount::unmount(target, flags).map_err(to_io)
 }
 
 /// A connected pair of Unix stream sockets, close-on-exec.
 pub fn socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
-    rustix::net::socketpair(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)
-        .map_err(to_io)
+    rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .map_err(to_io)
 }
 
 /// A pipe, both ends close-on-exec: `(read end, write end)`.
@@ -108,7 +117,11 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// Set or clear close-on-exec on `fd`.
 pub fn set_cloexec(fd: BorrowedFd<'_>, cloexec: bool) -> io::Result<()> {
-    let flags = if cloexec { FdFlags::CLOEXEC } else { FdFlags::empty() };
+    let flags = if cloexec {
+        FdFlags::CLOEXEC
+    } else {
+        FdFlags::empty()
+    };
     rustix::io::fcntl_setfd(fd, flags).map_err(to_io)
 }
 
@@ -148,7 +161,10 @@ pub fn fadvise_dontneed(file: BorrowedFd<'_>, offset: u64, len: u64) -> io::Resu
 
 /// The real user and group ids of this process.
 pub fn real_ids() -> (u32, u32) {
-    (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw())
+    (
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw(),
+    )
 }
 
 /// The signals that ask the server to unmount and exit.
@@ -196,12 +212,35 @@ pub fn wait_termination_signal() -> io::Result<i32> {
     Ok(sig)
 }
 
+/// Take ownership of descriptor number `fd`, inherited from the process
+/// that started us (which named it, e.g. in an environment variable), and
+/// make it close-on-exec so it is not passed on further. Numbers 0-2 and
+/// descriptors that are not open are refused.
+pub fn take_inherited_fd(fd: i32) -> io::Result<OwnedFd> {
+    if fd < 3 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: the borrow lives only for this fcntl call, which merely asks
+    // whether the number is an open descriptor (EBADF otherwise).
+    let open = rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) }).is_ok();
+    if !open {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: the descriptor is open (checked above) and, by the contract
+    // with our parent, was made for us alone: nothing else in this process
+    // owns or closes it, so it is sound to give it one owner.
+    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    set_cloexec(owned.as_fd(), true)?;
+    Ok(owned)
+}
+
 /// Whether `fd` is a valid descriptor in this process.
 pub fn fd_is_open(fd: BorrowedFd<'_>) -> bool {
     rustix::io::fcntl_getfd(fd.as_fd()).is_ok()
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -219,8 +258,13 @@ mod tests {
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
         let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
         assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
-        rustix::net::sendmsg(&a, &[io::IoSlice::new(b"x")], &mut control, rustix::net::SendFlags::empty())
-            .unwrap();
+        rustix::net::sendmsg(
+            &a,
+            &[io::IoSlice::new(b"x")],
+            &mut control,
+            rustix::net::SendFlags::empty(),
+        )
+        .unwrap();
         let got = recv_fd(b.as_fd()).unwrap().expect("a descriptor");
         assert!(fd_is_open(got.as_fd()));
         drop(a);

@@ -1,0 +1,297 @@
+//! `immount mount` end to end: open, mount, serve in the background, and
+//! tell the waiting parent when the mount is ready or why it failed.
+//!
+//! Backgrounding re-executes the program with the same arguments instead of
+//! forking a process that may already hold threads: the parent starts the
+//! child with [`READY_FD_ENV`] naming the write end of a pipe, the child
+//! does all the work and writes one status message into the pipe, and the
+//! parent exits with it. Status messages: a single `0` byte for "ready",
+//! or an exit-code byte followed by a one-line error.
+//!
+//! The server sets itself up in a fixed order:
+//! 1. block SIGTERM/SIGINT/SIGHUP (inherited by every thread started later);
+//! 2. open the image and its devices (a bad image fails here, exit code 1);
+//! 3. mount (directly, or through fusermount3) and answer INIT;
+//! 4. start the signal thread, which unmounts and exits on those signals;
+//! 5. call the `before_serve` hook: the place for the sandbox (seccomp,
+//!    Landlock, dropping identity), once everything privileged is done;
+//! 6. report ready, and serve until unmounted.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use immount_sys::fuse as sys;
+
+use crate::erofs_fs::{ErofsFs, OpenError};
+use crate::mount::{self, MountOptions};
+use crate::server::{Session, SessionConfig};
+
+/// Environment variable naming the ready pipe's descriptor in the child.
+pub const READY_FD_ENV: &str = "IMMOUNT_READY_FD";
+/// Exit code for an image that cannot be served (corrupt, unsupported).
+pub const EXIT_BAD_IMAGE: i32 = 1;
+/// Exit code for usage errors and I/O or mount failures.
+pub const EXIT_USAGE: i32 = 2;
+
+/// What to mount where.
+#[derive(Debug, Clone, Default)]
+pub struct MountRequest {
+    /// The EROFS image.
+    pub image: PathBuf,
+    /// Where to mount it.
+    pub mountpoint: PathBuf,
+    /// Extra devices, in the image's device-table order.
+    pub devices: Vec<PathBuf>,
+    /// `-o` options, already split at commas.
+    pub options: Vec<String>,
+}
+
+/// A failure with the exit code it deserves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountError {
+    /// [`EXIT_BAD_IMAGE`] or [`EXIT_USAGE`].
+    pub code: i32,
+    /// One line saying what went wrong.
+    pub message: String,
+}
+
+impl MountError {
+    fn usage(message: impl Into<String>) -> Self {
+        MountError {
+            code: EXIT_USAGE,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for MountError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for MountError {}
+
+/// `-o` options, parsed.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// How to mount.
+    pub mount: MountOptions,
+    /// How to serve.
+    pub session: SessionConfig,
+    /// Readahead in KiB to ask for (root only).
+    pub readahead_kib: u32,
+}
+
+/// Parse `-o` options. Unknown options are refused rather than ignored.
+pub fn parse_options(options: &[String], image: &Path) -> Result<ServeOptions, MountError> {
+    let mut out = ServeOptions {
+        mount: MountOptions {
+            fsname: image.display().to_string(),
+            ..MountOptions::default()
+        },
+        session: SessionConfig::default(),
+        readahead_kib: 1024,
+    };
+    for opt in options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        match (key, value) {
+            ("ro" | "default_permissions" | "nosuid" | "nodev", None) => {}
+            ("allow_other", None) => out.mount.allow_other = true,
+            ("suid", None) => out.mount.suid = true,
+            ("dev", None) => out.mount.dev = true,
+            ("noacl", None) => out.session.posix_acl = false,
+            ("fsname", Some(v)) => out.mount.fsname = v.to_owned(),
+            ("threads", Some(v)) => {
+                out.session.threads = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or_else(|| MountError::usage(format!("threads={v}: expected 1 to 64")))?;
+            }
+            ("readahead_kb", Some(v)) => {
+                out.readahead_kib = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (4..=65536).contains(n))
+                    .ok_or_else(|| {
+                        MountError::usage(format!("readahead_kb={v}: expected 4 to 65536"))
+                    })?;
+            }
+            ("rw", None) => return Err(MountError::usage("rw: EROFS images are read-only")),
+            _ => return Err(MountError::usage(format!("unknown mount option {opt:?}"))),
+        }
+    }
+    Ok(out)
+}
+
+/// The write end of the ready pipe, in the background child.
+#[derive(Debug)]
+pub struct ReadyNotifier(File);
+
+impl ReadyNotifier {
+    /// The notifier our parent asked for in [`READY_FD_ENV`], if any. The
+    /// variable is removed so that nothing we start inherits it.
+    pub fn from_env() -> Option<ReadyNotifier> {
+        let value = std::env::var(READY_FD_ENV).ok()?;
+        std::env::remove_var(READY_FD_ENV);
+        let fd = value.parse::<i32>().ok()?;
+        sys::take_inherited_fd(fd)
+            .ok()
+            .map(|fd| ReadyNotifier(File::from(fd)))
+    }
+
+    /// Tell the parent the mount is ready.
+    pub fn ready(mut self) {
+        let _ = self.0.write_all(&[0]);
+    }
+
+    /// Tell the parent why we failed.
+    pub fn fail(mut self, e: &MountError) {
+        let mut msg = vec![u8::try_from(e.code).unwrap_or(2).max(1)];
+        msg.extend_from_slice(e.message.replace('\n', " ").as_bytes());
+        let _ = self.0.write_all(&msg);
+    }
+}
+
+/// Mount and serve in this process until unmounted (or signalled).
+/// `notifier` hears "ready" or the error; `before_serve` runs once the
+/// mount is up, before serving starts (see the module docs).
+pub fn serve(
+    req: &MountRequest,
+    notifier: Option<ReadyNotifier>,
+    before_serve: &mut dyn FnMut() -> Result<(), String>,
+) -> Result<(), MountError> {
+    match setup(req, before_serve) {
+        Ok((session, mounted)) => {
+            if let Some(n) = notifier {
+                n.ready();
+            }
+            let result = session.serve();
+            drop(mounted);
+            result.map_err(|e| MountError::usage(format!("serving failed: {e}")))
+        }
+        Err(e) => {
+            if let Some(n) = notifier {
+                n.fail(&e);
+            }
+            Err(e)
+        }
+    }
+}
+
+fn setup(
+    req: &MountRequest,
+    before_serve: &mut dyn FnMut() -> Result<(), String>,
+) -> Result<(Session, Arc<mount::Mounted>), MountError> {
+    let opts = parse_options(&req.options, &req.image)?;
+    sys::block_termination_signals()
+        .map_err(|e| MountError::usage(format!("cannot block signals: {e}")))?;
+    let devices: Vec<&Path> = req.devices.iter().map(PathBuf::as_path).collect();
+    let fs = ErofsFs::open(&req.image, &devices).map_err(|e| match e {
+        OpenError::Io(..) => MountError::usage(e.to_string()),
+        OpenError::Image(ref inner) => {
+            let code = if matches!(inner, erofs::Error::Io { .. }) {
+                EXIT_USAGE
+            } else {
+                EXIT_BAD_IMAGE
+            };
+            MountError {
+                code,
+                message: format!("{}: {e}", req.image.display()),
+            }
+        }
+    })?;
+    let (dev, mounted) = mount::mount(&req.mountpoint, &opts.mount).map_err(|e| {
+        MountError::usage(format!("cannot mount on {}: {e}", req.mountpoint.display()))
+    })?;
+    let mounted = Arc::new(mounted);
+    let mut session = Session::new(dev, Arc::new(fs), opts.session);
+    if let Err(e) = session.init() {
+        let _ = mounted.unmount();
+        return Err(MountError::usage(format!("FUSE handshake failed: {e}")));
+    }
+    mount::raise_readahead(mounted.mountpoint(), opts.readahead_kib);
+    let on_signal = mounted.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if sys::wait_termination_signal().is_ok() {
+                let _ = on_signal.unmount();
+                std::process::exit(0);
+            }
+        })
+        .map_err(|e| MountError::usage(format!("cannot start a thread: {e}")))?;
+    if let Err(e) = before_serve() {
+        let _ = mounted.unmount();
+        return Err(MountError::usage(format!("sandbox setup failed: {e}")));
+    }
+    Ok((session, mounted))
+}
+
+/// Start this program again in the background with the same arguments and
+/// wait until it reports the mount ready (`Ok`) or fails (`Err` with its
+/// message and exit code). The child's output goes to `log`, or nowhere.
+pub fn spawn_background(log: Option<&Path>) -> Result<(), MountError> {
+    let io_err = |what: &str, e: std::io::Error| MountError::usage(format!("{what}: {e}"));
+    let (read_end, write_end) = sys::pipe().map_err(|e| io_err("pipe", e))?;
+    sys::set_cloexec(write_end.as_fd(), false).map_err(|e| io_err("fcntl", e))?;
+    let exe = std::env::current_exe().map_err(|e| io_err("cannot find our own program", e))?;
+    let stderr = match log {
+        Some(p) => Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| io_err(&p.display().to_string(), e))?,
+        ),
+        None => Stdio::null(),
+    };
+    let spawned = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(READY_FD_ENV, write_end.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        // Its own process group: a Ctrl-C meant for the shell that ran
+        // `immount mount` does not reach the server.
+        .process_group(0)
+        .spawn();
+    drop(write_end);
+    let mut child = spawned.map_err(|e| io_err("cannot start the server", e))?;
+    let mut reader = File::from(read_end);
+    let mut first = [0u8; 1];
+    let got = loop {
+        match reader.read(&mut first) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_err("waiting for the server", e)),
+        }
+    };
+    if got == 1 && first[0] == 0 {
+        return Ok(());
+    }
+    if got == 1 {
+        let mut rest = String::new();
+        let _ = reader.take(64 * 1024).read_to_string(&mut rest);
+        let _ = child.wait();
+        return Err(MountError {
+            code: i32::from(first[0]),
+            message: rest,
+        });
+    }
+    let status = child
+        .wait()
+        .map_err(|e| io_err("waiting for the server", e))?;
+    Err(MountError::usage(format!(
+        "the server exited before the mount was ready ({status})"
+    )))
+}

@@ -1,0 +1,26 @@
+//! The FUSE server of immount: serves an EROFS image read-only through
+//! `/dev/fuse`, speaking the protocol itself.
+//!
+//! - [`abi`]: the wire structs of `include/uapi/linux/fuse.h`, bounds-checked.
+//! - [`filesystem`]: the read-only filesystem interface the server serves.
+//! - [`erofs_fs`]: that interface for an EROFS image.
+//! - [`server`]: INIT negotiation and the worker threads.
+//! - [`mount`]: mounting (directly or through fusermount3) and unmounting.
+//! - [`daemon`]: `immount mount` end to end, with backgrounding.
+//!
+//! Why not the `fuser` crate: it cannot serve from several threads on
+//! cloned `/dev/fuse` files, nor negotiate `max_pages`, which the speed
+//! targets need; the subset a read-only server needs is small.
+#![forbid(unsafe_code)]
+
+pub mod abi;
+pub mod daemon;
+pub mod erofs_fs;
+pub mod filesystem;
+pub mod mount;
+pub mod server;
+
+pub use daemon::{MountError, MountRequest};
+pub use erofs_fs::ErofsFs;
+pub use filesystem::{Filesystem, FsError};
+pub use server::{Session, SessionConfig};

@@ -1,0 +1,523 @@
+//! The FUSE session: INIT negotiation and the worker threads that answer
+//! requests from `/dev/fuse`.
+//!
+//! Design, for speed on an immutable image:
+//! - Node ids are derived from inode numbers (root is 1, every other inode
+//!   is `ino + 2`), so the server keeps no per-node table: LOOKUP needs no
+//!   bookkeeping and FORGET is free. Inode numbers are stable, so the
+//!   kernel may cache entries and attributes for as long as it allows.
+//! - OPEN and OPENDIR answer ENOSYS once; with `NO_OPEN(DIR)_SUPPORT` the
+//!   kernel then stops sending them and keeps page cache and cached
+//!   directories across opens (`FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR` is its
+//!   default for no-open).
+//! - Each worker thread reads from its own `/dev/fuse` clone and answers on
+//!   the same file, with its own buffers: no locks on the request path.
+//! - READ replies go out with one `writev` of header and data.
+//!
+//! Bad input from the image never ends a worker: a failed request is
+//! answered with an errno, and an image fault is logged once per inode.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use crate::abi::{self, init_flags, opcode, Attr, Cursor, InHeader};
+use crate::filesystem::{DirItem, Filesystem, FsError};
+
+/// The largest READ we accept: 256 pages of 4 KiB (`max_pages`).
+pub const MAX_PAGES: u16 = 256;
+const MAX_READ: usize = MAX_PAGES as usize * 4096;
+/// The largest WRITE the kernel may send. We refuse writes, but the kernel
+/// sizes its read-buffer check on it, so keep it small to keep buffers small.
+const MAX_WRITE: u32 = 128 * 1024;
+/// Request buffer: a header, a write_in and `MAX_WRITE` bytes fit in it.
+const REQUEST_BUFFER: usize = MAX_WRITE as usize + 4096;
+/// Entry and attribute timeout, in seconds. The image never changes; the
+/// kernel caps the value at what its jiffies arithmetic allows.
+pub const TIMEOUT_SECS: u64 = u32::MAX as u64;
+
+/// How many distinct inodes we log faults for before going quiet, so a
+/// hostile image cannot fill the log or memory.
+const MAX_LOGGED_FAULTS: usize = 10_000;
+
+/// Options of one session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionConfig {
+    /// Worker threads (each on its own cloned `/dev/fuse` file).
+    pub threads: usize,
+    /// Ask the kernel to enforce POSIX ACLs from our xattrs (needs the
+    /// `default_permissions` mount option, which we always pass).
+    pub posix_acl: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            threads: 4,
+            posix_acl: true,
+        }
+    }
+}
+
+/// A FUSE connection to serve.
+pub struct Session {
+    dev: File,
+    fs: Arc<dyn Filesystem>,
+    config: SessionConfig,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by the workers of one session.
+#[derive(Debug, Default)]
+struct Shared {
+    logged: Mutex<HashSet<u64>>,
+    blksize: u32,
+}
+
+impl Session {
+    /// A session on `dev`, an open `/dev/fuse` file already mounted (or
+    /// about to be).
+    pub fn new(dev: File, fs: Arc<dyn Filesystem>, config: SessionConfig) -> Session {
+        let blksize = fs.statfs().bsize.max(512);
+        Session {
+            dev,
+            fs,
+            config,
+            shared: Arc::new(Shared {
+                logged: Mutex::new(HashSet::new()),
+                blksize,
+            }),
+        }
+    }
+
+    /// Answer the kernel's INIT request. Call once, after mounting and
+    /// before [`Session::serve`].
+    pub fn init(&mut self) -> io::Result<()> {
+        let mut buf = vec![0u8; REQUEST_BUFFER];
+        loop {
+            let n = match (&self.dev).read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if retryable(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            let Some(req) = buf.get(..n) else { continue };
+            let (h, body) = InHeader::parse(req).map_err(|_| proto_err("short INIT"))?;
+            if h.opcode != opcode::INIT {
+                // Nothing else can come before INIT; refuse it and go on.
+                reply_err(&self.dev, h.unique, libc::EIO);
+                continue;
+            }
+            return self.answer_init(&h, body);
+        }
+    }
+
+    fn answer_init(&self, h: &InHeader, body: &[u8]) -> io::Result<()> {
+        let mut c = Cursor::new(body);
+        let (major, minor, max_readahead, kflags) =
+            (|| Ok::<_, abi::Truncated>((c.u32()?, c.u32()?, c.u32()?, c.u32()?)))()
+                .map_err(|_| proto_err("short INIT body"))?;
+        if major != abi::KERNEL_VERSION || minor < 28 {
+            reply_err(&self.dev, h.unique, libc::EPROTO);
+            return Err(proto_err(&format!(
+                "kernel speaks FUSE {major}.{minor}, need 7.28+"
+            )));
+        }
+        let mut want = init_flags::ASYNC_READ
+            | init_flags::PARALLEL_DIROPS
+            | init_flags::DO_READDIRPLUS
+            | init_flags::READDIRPLUS_AUTO
+            | init_flags::CACHE_SYMLINKS
+            | init_flags::NO_OPEN_SUPPORT
+            | init_flags::NO_OPENDIR_SUPPORT
+            | init_flags::EXPORT_SUPPORT
+            | init_flags::MAX_PAGES;
+        if self.config.posix_acl {
+            want |= init_flags::POSIX_ACL;
+        }
+        let mut out = Vec::with_capacity(64);
+        abi::put_u32(&mut out, abi::KERNEL_VERSION);
+        abi::put_u32(&mut out, minor.min(abi::KERNEL_MINOR_VERSION));
+        abi::put_u32(&mut out, max_readahead);
+        abi::put_u32(&mut out, want & kflags);
+        out.extend_from_slice(&64u16.to_ne_bytes()); // max_background
+        out.extend_from_slice(&48u16.to_ne_bytes()); // congestion_threshold
+        abi::put_u32(&mut out, MAX_WRITE);
+        abi::put_u32(&mut out, 1); // time_gran: nanoseconds
+        out.extend_from_slice(&MAX_PAGES.to_ne_bytes());
+        out.extend_from_slice(&0u16.to_ne_bytes()); // map_alignment
+        out.resize(64, 0); // flags2, max_stack_depth and unused
+        reply(&self.dev, h.unique, 0, &[&out]);
+        Ok(())
+    }
+
+    /// Serve requests until the filesystem is unmounted. Starts
+    /// `config.threads - 1` more threads on cloned `/dev/fuse` files and
+    /// serves on this one too; returns when all have seen the end.
+    pub fn serve(self) -> io::Result<()> {
+        let threads = self.config.threads.clamp(1, 64);
+        let mut handles = Vec::new();
+        for i in 1..threads {
+            let dev = immount_sys::fuse::clone_dev_fuse(self.dev.as_fd())?;
+            let worker = Worker::new(dev, self.fs.clone(), self.shared.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("fuse-{i}"))
+                .spawn(move || worker.run())?;
+            handles.push(h);
+        }
+        let result = Worker::new(self.dev, self.fs, self.shared).run();
+        for h in handles {
+            match h.join() {
+                Ok(r) => r?,
+                Err(_) => return Err(io::Error::other("a FUSE worker thread panicked")),
+            }
+        }
+        result
+    }
+}
+
+fn proto_err(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("FUSE protocol: {msg}"))
+}
+
+/// Errors of a read from `/dev/fuse` that mean "try again": a signal, or a
+/// request that the kernel withdrew (interrupted) before we got it.
+fn retryable(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::ENOENT)
+    )
+}
+
+/// Send one reply. Errors are ignored on purpose: ENOENT means the request
+/// was interrupted and the kernel no longer wants the answer, and ENODEV
+/// means the filesystem is gone, which the next read reports.
+fn reply(dev: &File, unique: u64, error: i32, parts: &[&[u8]]) {
+    let body_len: usize = parts.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(abi::OUT_HEADER_LEN + body_len).unwrap_or(u32::MAX);
+    let mut header = [0u8; abi::OUT_HEADER_LEN];
+    header[0..4].copy_from_slice(&len.to_ne_bytes());
+    header[4..8].copy_from_slice(&(-error).to_ne_bytes());
+    header[8..16].copy_from_slice(&unique.to_ne_bytes());
+    let mut iov = Vec::with_capacity(parts.len() + 1);
+    iov.push(IoSlice::new(&header));
+    iov.extend(parts.iter().map(|p| IoSlice::new(p)));
+    let _ = (&*dev).write_vectored(&iov);
+}
+
+fn reply_err(dev: &File, unique: u64, errno: i32) {
+    reply(dev, unique, errno, &[]);
+}
+
+/// One worker: a `/dev/fuse` file and its buffers.
+struct Worker {
+    dev: File,
+    fs: Arc<dyn Filesystem>,
+    shared: Arc<Shared>,
+    request: Vec<u8>,
+    data: Vec<u8>,
+    out: Vec<u8>,
+    root: u64,
+}
+
+impl Worker {
+    fn new(dev: File, fs: Arc<dyn Filesystem>, shared: Arc<Shared>) -> Worker {
+        let root = fs.root();
+        Worker {
+            dev,
+            fs,
+            shared,
+            request: vec![0u8; REQUEST_BUFFER],
+            data: Vec::new(),
+            out: Vec::with_capacity(64 * 1024),
+            root,
+        }
+    }
+
+    fn run(mut self) -> io::Result<()> {
+        loop {
+            let n = match (&self.dev).read(&mut self.request) {
+                Ok(n) => n,
+                Err(e) if retryable(&e) => continue,
+                // The filesystem was unmounted (or the connection aborted).
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let req = std::mem::take(&mut self.request);
+            let keep_going = match req.get(..n) {
+                Some(bytes) => self.handle(bytes),
+                None => true,
+            };
+            self.request = req;
+            if !keep_going {
+                return Ok(());
+            }
+        }
+    }
+
+    fn nodeid_of(&self, ino: u64) -> Result<u64, FsError> {
+        if ino == self.root {
+            return Ok(abi::ROOT_ID);
+        }
+        ino.checked_add(2)
+            .ok_or_else(|| FsError::fault(format!("inode number {ino} too large")))
+    }
+
+    fn ino_of(&self, nodeid: u64) -> Result<u64, FsError> {
+        match nodeid {
+            abi::ROOT_ID => Ok(self.root),
+            0 => Err(FsError::errno(libc::EINVAL)),
+            n => n.checked_sub(2).ok_or(FsError::errno(libc::EINVAL)),
+        }
+    }
+
+    fn fix_attr(&self, mut a: Attr) -> Attr {
+        a.blksize = self.shared.blksize;
+        a
+    }
+
+    /// Handle one request; false when the session is over (DESTROY).
+    fn handle(&mut self, req: &[u8]) -> bool {
+        let Ok((h, body)) = InHeader::parse(req) else {
+            // A request we cannot even parse has no unique id to answer.
+            return true;
+        };
+        match h.opcode {
+            opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT => return true,
+            opcode::DESTROY => {
+                reply_err(&self.dev, h.unique, 0);
+                return false;
+            }
+            _ => {}
+        }
+        match self.dispatch(&h, body) {
+            Ok(()) => {}
+            Err(e) => {
+                if let Some(detail) = &e.detail {
+                    self.log_fault(h.nodeid, detail);
+                }
+                reply_err(&self.dev, h.unique, e.errno);
+            }
+        }
+        true
+    }
+
+    fn log_fault(&self, nodeid: u64, detail: &str) {
+        let Ok(mut logged) = self.shared.logged.lock() else {
+            return;
+        };
+        if logged.len() < MAX_LOGGED_FAULTS && logged.insert(nodeid) {
+            eprintln!("immount: {detail}");
+        }
+    }
+
+    fn dispatch(&mut self, h: &InHeader, body: &[u8]) -> Result<(), FsError> {
+        let bad = |_| FsError::errno(libc::EINVAL);
+        let mut c = Cursor::new(body);
+        match h.opcode {
+            opcode::LOOKUP => {
+                let parent = self.ino_of(h.nodeid)?;
+                let name = c.cstr().map_err(bad)?;
+                self.out.clear();
+                match self.fs.lookup(parent, name)? {
+                    Some(attr) => {
+                        let attr = self.fix_attr(attr);
+                        let nodeid = self.nodeid_of(attr.ino)?;
+                        abi::encode_entry(&mut self.out, nodeid, &attr, TIMEOUT_SECS);
+                    }
+                    // A cached negative entry: the name will never appear.
+                    None => abi::encode_entry(&mut self.out, 0, &Attr::default(), TIMEOUT_SECS),
+                }
+                reply(&self.dev, h.unique, 0, &[&self.out]);
+            }
+            opcode::GETATTR => {
+                let attr = self.fix_attr(self.fs.getattr(self.ino_of(h.nodeid)?)?);
+                self.out.clear();
+                abi::put_u64(&mut self.out, TIMEOUT_SECS);
+                abi::put_u32(&mut self.out, 0);
+                abi::put_u32(&mut self.out, 0);
+                attr.encode(&mut self.out);
+                reply(&self.dev, h.unique, 0, &[&self.out]);
+            }
+            opcode::READLINK => {
+                let target = self.fs.readlink(self.ino_of(h.nodeid)?)?;
+                reply(&self.dev, h.unique, 0, &[&target]);
+            }
+            // Let the kernel skip these from now on (NO_OPEN(DIR)_SUPPORT).
+            opcode::OPEN | opcode::OPENDIR => return Err(FsError::errno(libc::ENOSYS)),
+            opcode::RELEASE | opcode::RELEASEDIR | opcode::FLUSH => {
+                reply_err(&self.dev, h.unique, 0)
+            }
+            opcode::FSYNC | opcode::FSYNCDIR => reply_err(&self.dev, h.unique, 0),
+            opcode::READ => {
+                let ino = self.ino_of(h.nodeid)?;
+                let _fh = c.u64().map_err(bad)?;
+                let offset = c.u64().map_err(bad)?;
+                let size = c.u32().map_err(bad)?;
+                let size = usize::try_from(size).unwrap_or(MAX_READ).min(MAX_READ);
+                if self.data.len() < size {
+                    self.data.resize(size, 0);
+                }
+                let n = self.fs.read(ino, offset, &mut self.data[..size])?;
+                let n = n.min(size);
+                reply(&self.dev, h.unique, 0, &[&self.data[..n]]);
+            }
+            opcode::STATFS => {
+                let s = self.fs.statfs();
+                self.out.clear();
+                for v in [s.blocks, s.bfree, s.bavail, s.files, s.ffree] {
+                    abi::put_u64(&mut self.out, v);
+                }
+                for v in [s.bsize, s.namelen, s.frsize, 0, 0, 0, 0, 0, 0, 0] {
+                    abi::put_u32(&mut self.out, v);
+                }
+                reply(&self.dev, h.unique, 0, &[&self.out]);
+            }
+            opcode::GETXATTR => {
+                let size = c.u32().map_err(bad)?;
+                let _pad = c.u32().map_err(bad)?;
+                let name = c.cstr().map_err(bad)?;
+                let value = self
+                    .fs
+                    .getxattr(self.ino_of(h.nodeid)?, name)?
+                    .ok_or(FsError::errno(libc::ENODATA))?;
+                self.reply_sized(h.unique, size, &value)?;
+            }
+            opcode::LISTXATTR => {
+                let size = c.u32().map_err(bad)?;
+                let names = self.fs.listxattr(self.ino_of(h.nodeid)?)?;
+                let mut list = Vec::new();
+                for n in names {
+                    list.extend_from_slice(&n);
+                    list.push(0);
+                }
+                self.reply_sized(h.unique, size, &list)?;
+            }
+            opcode::READDIR | opcode::READDIRPLUS => {
+                let ino = self.ino_of(h.nodeid)?;
+                let _fh = c.u64().map_err(bad)?;
+                let offset = c.u64().map_err(bad)?;
+                let size = c.u32().map_err(bad)?;
+                self.readdir(h.unique, ino, offset, size, h.opcode == opcode::READDIRPLUS)?;
+            }
+            opcode::ACCESS => {
+                let mask = c.u32().map_err(bad)?;
+                // Only reached without default_permissions: nothing is
+                // writable, everything else is left to the mode bits the
+                // kernel already checked.
+                if mask & (libc::W_OK as u32) != 0 {
+                    return Err(FsError::errno(libc::EROFS));
+                }
+                reply_err(&self.dev, h.unique, 0);
+            }
+            opcode::LSEEK => {
+                let _fh = c.u64().map_err(bad)?;
+                let offset = c.u64().map_err(bad)?;
+                let whence = c.u32().map_err(bad)?;
+                let size = self.fs.getattr(self.ino_of(h.nodeid)?)?.size;
+                // No holes are reported: data runs from 0 to the end.
+                let pos = match whence as i32 {
+                    libc::SEEK_DATA if offset < size => offset,
+                    libc::SEEK_HOLE if offset < size => size,
+                    libc::SEEK_DATA | libc::SEEK_HOLE => return Err(FsError::errno(libc::ENXIO)),
+                    _ => return Err(FsError::errno(libc::EINVAL)),
+                };
+                self.out.clear();
+                abi::put_u64(&mut self.out, pos);
+                reply(&self.dev, h.unique, 0, &[&self.out]);
+            }
+            opcode::SETATTR
+            | opcode::SYMLINK
+            | opcode::MKNOD
+            | opcode::MKDIR
+            | opcode::UNLINK
+            | opcode::RMDIR
+            | opcode::RENAME
+            | opcode::RENAME2
+            | opcode::LINK
+            | opcode::WRITE
+            | opcode::SETXATTR
+            | opcode::REMOVEXATTR
+            | opcode::CREATE
+            | opcode::FALLOCATE
+            | opcode::COPY_FILE_RANGE => return Err(FsError::errno(libc::EROFS)),
+            opcode::INIT => return Err(FsError::errno(libc::EIO)),
+            _ => return Err(FsError::errno(libc::ENOSYS)),
+        }
+        Ok(())
+    }
+
+    /// The xattr reply convention: size 0 asks for the length only.
+    fn reply_sized(&mut self, unique: u64, size: u32, value: &[u8]) -> Result<(), FsError> {
+        let len = u32::try_from(value.len()).map_err(|_| FsError::errno(libc::E2BIG))?;
+        if size == 0 {
+            self.out.clear();
+            abi::put_u32(&mut self.out, len);
+            abi::put_u32(&mut self.out, 0);
+            reply(&self.dev, unique, 0, &[&self.out]);
+        } else if len > size {
+            return Err(FsError::errno(libc::ERANGE));
+        } else {
+            reply(&self.dev, unique, 0, &[value]);
+        }
+        Ok(())
+    }
+
+    fn readdir(
+        &mut self,
+        unique: u64,
+        ino: u64,
+        offset: u64,
+        size: u32,
+        plus: bool,
+    ) -> Result<(), FsError> {
+        let size = usize::try_from(size).unwrap_or(MAX_READ).min(MAX_READ);
+        // Collect first, then fetch attributes: the filesystem's listing
+        // callback should not re-enter it.
+        let mut items: Vec<(Vec<u8>, u64, u32, u64)> = Vec::new();
+        let mut used = 0usize;
+        self.fs.readdir(ino, offset, &mut |e: &DirItem<'_>| {
+            let need = abi::dirent_size(e.name.len(), plus);
+            if used + need > size {
+                return false;
+            }
+            used += need;
+            items.push((e.name.to_vec(), e.ino, e.dtype, e.next_offset));
+            true
+        })?;
+        self.out.clear();
+        for (name, child, dtype, next) in &items {
+            if plus {
+                let is_dot = name.as_slice() == b"." || name.as_slice() == b"..";
+                // The kernel ignores the entry part of "." and ".."; a child
+                // whose inode is corrupt is still listed, with no entry, so
+                // that only a lookup of it fails.
+                let attr = if is_dot {
+                    None
+                } else {
+                    self.fs.getattr(*child).ok()
+                };
+                match attr {
+                    Some(a) => {
+                        let a = self.fix_attr(a);
+                        let nodeid = self.nodeid_of(a.ino)?;
+                        abi::encode_entry(&mut self.out, nodeid, &a, TIMEOUT_SECS);
+                    }
+                    None => abi::encode_entry(&mut self.out, 0, &Attr::default(), 0),
+                }
+            }
+            abi::encode_dirent(&mut self.out, *child, *next, *dtype, name);
+        }
+        reply(&self.dev, unique, 0, &[&self.out]);
+        Ok(())
+    }
+}
