@@ -48,6 +48,8 @@ const ALLOWED: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_close,
     libc::SYS_fstat,
+    // Read-ahead hints on the image (posix_fadvise).
+    libc::SYS_fadvise64,
     // Waiting for requests.
     libc::SYS_poll,
     libc::SYS_ppoll,
@@ -69,6 +71,8 @@ const ALLOWED: &[i64] = &[
     libc::SYS_rt_sigreturn,
     libc::SYS_rt_sigprocmask,
     libc::SYS_sigaltstack,
+    // sigwait: the server's signal thread waits for SIGTERM/SIGINT/SIGHUP.
+    libc::SYS_rt_sigtimedwait,
     // Resumes a sleep interrupted by a signal.
     libc::SYS_restart_syscall,
     // Time (normally the vDSO; the syscalls are its fallback).
@@ -107,6 +111,8 @@ const ALLOWED: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_close,
     libc::SYS_fstat,
+    // Read-ahead hints on the image (posix_fadvise).
+    libc::SYS_fadvise64,
     // Waiting for requests (aarch64 has no poll or epoll_wait).
     libc::SYS_ppoll,
     libc::SYS_epoll_create1,
@@ -126,6 +132,8 @@ const ALLOWED: &[i64] = &[
     libc::SYS_rt_sigreturn,
     libc::SYS_rt_sigprocmask,
     libc::SYS_sigaltstack,
+    // sigwait: the server's signal thread waits for SIGTERM/SIGINT/SIGHUP.
+    libc::SYS_rt_sigtimedwait,
     // Resumes a sleep interrupted by a signal.
     libc::SYS_restart_syscall,
     // Time (normally the vDSO; the syscalls are its fallback).

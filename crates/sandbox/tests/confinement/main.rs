@@ -22,6 +22,8 @@ use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 
 use sandbox::{apply, explain_exit, SandboxConfig};
 
+mod minifuse;
+
 const SCENARIO_ENV: &str = "IMMOUNT_SANDBOX_SCENARIO";
 const DATA_ENV: &str = "IMMOUNT_SANDBOX_DATA";
 
@@ -64,6 +66,14 @@ fn main() -> ExitCode {
         ("empty_root_and_landlock_stand_behind_seccomp", layers),
         ("without_threads_clone_is_killed", no_threads),
         ("ptrace_from_outside_is_denied", ptrace_from_outside),
+        (
+            "a_running_fuse_server_is_confined_and_serves",
+            fuse_server_serves,
+        ),
+        (
+            "supervisor_explains_and_unmounts_a_killed_server",
+            fuse_server_killed,
+        ),
     ];
     let selected: Vec<_> = tests
         .iter()
@@ -92,6 +102,8 @@ fn main() -> ExitCode {
             }
         }
     }
+    // The copy of this binary made for `nobody`, if any.
+    let _ = std::fs::remove_dir_all(public_exe_dir());
     for (name, msg) in &failures {
         println!("\n---- {name} ----\n{msg}");
     }
@@ -106,10 +118,14 @@ fn main() -> ExitCode {
     }
 }
 
+fn public_exe_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("immount-sandbox-test-{}", std::process::id()))
+}
+
 /// A copy of this binary that `nobody` can execute even when the build
 /// directory is private (a CI clone under /root).
 fn public_exe() -> Result<PathBuf, String> {
-    let dir = std::env::temp_dir().join(format!("immount-sandbox-test-{}", std::process::id()));
+    let dir = public_exe_dir();
     let exe = dir.join("confinement");
     if !exe.exists() {
         std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
@@ -212,7 +228,15 @@ fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
 }
 
 /// The checks on a running confined child from outside.
-fn check_running_child(s: &Spawned, expect_uid: u32, expect_identity_line: bool) -> TestResult {
+///
+/// `fd3` is what descriptor 3 must point to (default: the test binary,
+/// held open as the server holds its image).
+fn check_running_child(
+    s: &Spawned,
+    expect_uid: u32,
+    expect_identity_line: bool,
+    fd3: Option<&str>,
+) -> TestResult {
     let pid = s.pid();
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
@@ -260,9 +284,15 @@ fn check_running_child(s: &Spawned, expect_uid: u32, expect_identity_line: bool)
             || format!("fd {fd} is not the kept pipe: {fds:?}"),
         )?;
     }
-    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| e.to_string())?;
-    ensure(fds.contains(&format!("3={}", exe.display())), || {
-        format!("data fd missing: {fds:?}")
+    let fd3 = match fd3 {
+        Some(target) => target.to_owned(),
+        None => std::fs::read_link(format!("/proc/{pid}/exe"))
+            .map_err(|e| e.to_string())?
+            .display()
+            .to_string(),
+    };
+    ensure(fds.contains(&format!("3={fd3}")), || {
+        format!("fd 3 is not {fd3}: {fds:?}")
     })?;
 
     // Namespaces other than ours.
@@ -317,7 +347,7 @@ fn check_running_child(s: &Spawned, expect_uid: u32, expect_identity_line: bool)
 fn status_as_root() -> TestResult {
     let mut s = spawn("status", false)?;
     let lines = s.read_until("applied")?;
-    let checked = check_running_child(&s, sandbox::NOBODY, true);
+    let checked = check_running_child(&s, sandbox::NOBODY, true, None);
     let (status, _, err) = s.finish()?;
     checked?;
     ensure(status.success(), || {
@@ -340,7 +370,7 @@ fn status_as_root() -> TestResult {
 fn status_as_nobody() -> TestResult {
     let mut s = spawn("status", true)?;
     let lines = s.read_until("applied")?;
-    let checked = check_running_child(&s, sandbox::NOBODY, false);
+    let checked = check_running_child(&s, sandbox::NOBODY, false, None);
     // The user namespace is the child's own, too.
     let pid = s.pid();
     let userns = std::fs::read_link(format!("/proc/{pid}/ns/user")).map_err(|e| e.to_string());
@@ -525,6 +555,117 @@ fn spawn_tracer(pid: u32) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A temporary mountpoint that is unmounted and removed however the test
+/// ends.
+struct MountDir {
+    path: PathBuf,
+}
+
+impl MountDir {
+    fn new(tag: &str) -> Result<Self, String> {
+        let path =
+            std::env::temp_dir().join(format!("immount-sandbox-mnt-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).map_err(|e| format!("mkdir {}: {e}", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for MountDir {
+    fn drop(&mut self) {
+        if is_mounted(&self.path) {
+            let _ = rustix::mount::unmount(&self.path, rustix::mount::UnmountFlags::DETACH);
+        }
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Whether `path` is a mountpoint in our mount namespace.
+fn is_mounted(path: &Path) -> bool {
+    let want = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+        })
+        .unwrap_or(false)
+}
+
+/// A real FUSE server confined by `apply`: the kernel's requests are served
+/// under the allowlist, and from outside the running server has the
+/// expected status, only its pipes and `/dev/fuse` open, its own
+/// namespaces. Unmounting ends it cleanly.
+fn fuse_server_serves() -> TestResult {
+    let mnt = MountDir::new("serve")?;
+    let mut s = spawn(&format!("fuse_server:{}", mnt.path.display()), false)?;
+    s.read_until("applied")?;
+    let checked = check_running_child(&s, sandbox::NOBODY, true, Some("/dev/fuse"));
+    let content = std::fs::read(mnt.path.join("hello"));
+    let again = std::fs::read_to_string(mnt.path.join("hello"));
+    let missing = std::fs::metadata(mnt.path.join("missing"));
+    let unmounted = rustix::mount::unmount(&mnt.path, rustix::mount::UnmountFlags::empty());
+    let status = sandbox::supervise(s.pid(), |_| {}).map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    let _ = s.stdout.read_to_string(&mut out);
+    let err = s.finish_stderr();
+    checked?;
+    ensure(content.as_deref().ok() == Some(minifuse::HELLO), || {
+        format!("read through the mount: {content:?}")
+    })?;
+    ensure(again.is_ok(), || format!("second read: {again:?}"))?;
+    ensure(
+        missing.as_ref().err().and_then(|e| e.raw_os_error()) == Some(libc::ENOENT),
+        || format!("lookup of a missing name: {missing:?}"),
+    )?;
+    ensure(unmounted.is_ok(), || format!("unmount: {unmounted:?}"))?;
+    ensure(status.success(), || {
+        format!(
+            "server: {status} ({:?}); stdout: {out}; stderr: {err}",
+            explain_exit(status, err.as_bytes())
+        )
+    })?;
+    ensure(out.contains("served "), || format!("stdout: {out}"))
+}
+
+/// A request drives the confined server into `socket()`: the server dies
+/// by `SIGSYS`, the caller gets an error instead of hanging, and the
+/// supervisor names the syscall and unmounts the dead mount.
+fn fuse_server_killed() -> TestResult {
+    let mnt = MountDir::new("crash")?;
+    let mut s = spawn(&format!("fuse_server:{}", mnt.path.display()), false)?;
+    s.read_until("applied")?;
+    let hello = std::fs::read(mnt.path.join("hello"));
+    let crash = std::fs::metadata(mnt.path.join("crash"));
+    let mut mounted_at_exit = false;
+    let mut cleanup = Ok(());
+    let status = sandbox::supervise(s.pid(), |_| {
+        mounted_at_exit = is_mounted(&mnt.path);
+        cleanup = sandbox::unmount_lazy(&mnt.path);
+    })
+    .map_err(|e| e.to_string())?;
+    let err = s.finish_stderr();
+    ensure(hello.as_deref().ok() == Some(minifuse::HELLO), || {
+        format!("read before the crash: {hello:?}")
+    })?;
+    ensure(crash.is_err(), || format!("lookup of crash: {crash:?}"))?;
+    ensure(status.signal() == Some(libc::SIGSYS), || {
+        format!("server: {status}; stderr: {err}")
+    })?;
+    let why = explain_exit(status, err.as_bytes()).ok_or("no explanation")?;
+    ensure(why.contains("forbidden syscall socket ("), || {
+        format!("explanation: {why}; stderr: {err}")
+    })?;
+    ensure(!err.contains("socket() returned"), || {
+        format!("socket() returned to the server: {err}")
+    })?;
+    ensure(mounted_at_exit, || {
+        "the mount was gone before cleanup".into()
+    })?;
+    ensure(cleanup.is_ok(), || format!("cleanup: {cleanup:?}"))?;
+    ensure(!is_mounted(&mnt.path), || {
+        "still mounted after cleanup".into()
+    })
+}
+
 /// The child side: apply the sandbox, then do what the scenario says.
 mod child {
     use super::*;
@@ -543,6 +684,9 @@ mod child {
     }
 
     pub fn run(scenario: &str) -> ExitCode {
+        if let Some(mnt) = scenario.strip_prefix("fuse_server:") {
+            return fuse_server(Path::new(mnt));
+        }
         if let Some(pid) = scenario.strip_prefix("tracer:") {
             // Not confined: an ordinary process of uid nobody.
             let pid: u32 = pid.parse().unwrap_or(0);
@@ -669,6 +813,60 @@ mod child {
             }
         }
         ExitCode::SUCCESS
+    }
+
+    /// Mounts a minimal FUSE filesystem at `mnt` (as root, directly),
+    /// confines itself keeping only the standard streams and `/dev/fuse`,
+    /// and serves until unmounted.
+    fn fuse_server(mnt: &Path) -> ExitCode {
+        let mut dev = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")
+        {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("/dev/fuse: {e}");
+                return ExitCode::from(3);
+            }
+        };
+        let data = format!("fd={},rootmode=40000,user_id=0,group_id=0", dev.as_raw_fd());
+        let data = match std::ffi::CString::new(data) {
+            Ok(d) => d,
+            Err(_) => return ExitCode::from(3),
+        };
+        let flags = rustix::mount::MountFlags::NOSUID
+            | rustix::mount::MountFlags::NODEV
+            | rustix::mount::MountFlags::RDONLY;
+        if let Err(e) = rustix::mount::mount(
+            "immount-sandbox-test",
+            mnt,
+            "fuse.immount-sandbox-test",
+            flags,
+            data.as_c_str(),
+        ) {
+            eprintln!("mount: {e}");
+            return ExitCode::from(3);
+        }
+        let cfg = SandboxConfig {
+            keep_fds: vec![0, 1, 2, dev.as_raw_fd()],
+            ..SandboxConfig::default()
+        };
+        if let Err(e) = apply(&cfg) {
+            eprintln!("apply: {e}");
+            return ExitCode::from(2);
+        }
+        say("applied");
+        match minifuse::serve(&mut dev) {
+            Ok(n) => {
+                say(&format!("served {n} requests"));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("serve: {e}");
+                ExitCode::from(7)
+            }
+        }
     }
 
     /// What a FUSE server does while serving, on worker threads started
