@@ -62,17 +62,32 @@ pub enum Error {
 impl Error {
     /// A corruption error with no location yet.
     pub fn corrupt(what: impl Into<String>) -> Self {
-        Error::Corrupt { what: what.into(), loc: Location::default() }
+        Error::Corrupt {
+            what: what.into(),
+            loc: Location::default(),
+        }
     }
 
     /// A corruption error about inode `nid`.
     pub fn corrupt_nid(nid: u64, what: impl Into<String>) -> Self {
-        Error::Corrupt { what: what.into(), loc: Location { nid: Some(nid), offset: None } }
+        Error::Corrupt {
+            what: what.into(),
+            loc: Location {
+                nid: Some(nid),
+                offset: None,
+            },
+        }
     }
 
     /// A corruption error at `offset`, about inode `nid` when known.
     pub fn corrupt_at(nid: Option<u64>, offset: u64, what: impl Into<String>) -> Self {
-        Error::Corrupt { what: what.into(), loc: Location { nid, offset: Some(offset) } }
+        Error::Corrupt {
+            what: what.into(),
+            loc: Location {
+                nid,
+                offset: Some(offset),
+            },
+        }
     }
 
     /// Attach an inode number to a corruption error that has none.

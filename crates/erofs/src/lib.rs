@@ -9,9 +9,22 @@
 //! they are served (FUSE, a CLI): it is the on-disk format and nothing else.
 #![forbid(unsafe_code)]
 
+mod data;
 pub mod decompress;
+pub mod dir;
 pub mod error;
+pub mod image;
+pub mod inode;
 pub mod read;
+pub mod superblock;
+pub mod walk;
+pub mod xattr;
+mod zdata;
 
+pub use dir::DirEntry;
 pub use error::{Error, Location, Result};
+pub use image::Image;
+pub use inode::{DataLayout, FileType, Inode};
 pub use read::ReadAt;
+pub use superblock::Superblock;
+pub use xattr::Xattr;
