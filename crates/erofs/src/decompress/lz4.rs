@@ -43,31 +43,41 @@ pub(super) fn decompress(src: &[u8], dst: &mut [u8], partial: bool) -> Result<()
         ip += 1;
 
         let mut lit = usize::from(token >> 4);
-        if lit == 15 {
-            lit = read_length(src, &mut ip, lit)?;
-        }
-        let room = out_len - op;
-        if lit > room {
-            if !partial {
-                return Err(err("output is longer than expected"));
+        if lit < 15 && ip + 16 <= src.len() && op + 16 <= out_len {
+            // Fast path for the common short run: copy a fixed 16 bytes (a
+            // few moves, no memcpy call). Bytes past the run are
+            // overwritten by what follows. Input remains after the run, so
+            // this is not the last sequence.
+            dst[op..op + 16].copy_from_slice(&src[ip..ip + 16]);
+            ip += lit;
+            op += lit;
+        } else {
+            if lit == 15 {
+                lit = read_length(src, &mut ip, lit)?;
             }
-            lit = room;
-        }
-        let lit_end = ip.checked_add(lit).filter(|&e| e <= src.len());
-        let lit_end = lit_end.ok_or_else(|| err("literals run past the end of the input"))?;
-        dst[op..op + lit].copy_from_slice(&src[ip..lit_end]);
-        ip = lit_end;
-        op += lit;
-        if partial && op == out_len {
-            return Ok(());
-        }
-        if ip == src.len() {
-            // The last sequence is literals only.
-            return if op == out_len {
-                Ok(())
-            } else {
-                Err(err("output is shorter than expected"))
-            };
+            let room = out_len - op;
+            if lit > room {
+                if !partial {
+                    return Err(err("output is longer than expected"));
+                }
+                lit = room;
+            }
+            let lit_end = ip.checked_add(lit).filter(|&e| e <= src.len());
+            let lit_end = lit_end.ok_or_else(|| err("literals run past the end of the input"))?;
+            dst[op..op + lit].copy_from_slice(&src[ip..lit_end]);
+            ip = lit_end;
+            op += lit;
+            if partial && op == out_len {
+                return Ok(());
+            }
+            if ip == src.len() {
+                // The last sequence is literals only.
+                return if op == out_len {
+                    Ok(())
+                } else {
+                    Err(err("output is shorter than expected"))
+                };
+            }
         }
 
         let off = src
@@ -83,6 +93,18 @@ pub(super) fn decompress(src: &[u8], dst: &mut [u8], partial: bool) -> Result<()
             mlen = read_length(src, &mut ip, mlen)?;
         }
         mlen += 4;
+        if mlen <= 16 && offset >= 16 && op + 16 <= out_len {
+            // Fast path for short, far matches: a fixed 16-byte copy from
+            // before `op` (offset >= 16 keeps the source out of the way).
+            let (head, tail) = dst.split_at_mut(op);
+            let start = op - offset;
+            tail[..16].copy_from_slice(&head[start..start + 16]);
+            op += mlen;
+            if partial && op == out_len {
+                return Ok(());
+            }
+            continue;
+        }
         let room = out_len - op;
         if mlen > room {
             if !partial {

@@ -7,6 +7,7 @@
 //! and drained into `dst` at once. Each block consumes at least its 3-byte
 //! header, so the loop is bounded by the input length.
 
+use std::cell::RefCell;
 use std::io::Read;
 
 use ruzstd::decoding::{BlockDecodingStrategy, FrameDecoder};
@@ -87,8 +88,26 @@ pub(super) fn decompress(
             cfg.max_window_size
         )));
     }
+    // The decoder keeps its buffers (window, tables) between frames; one
+    // per thread spares an allocation and page faults per pcluster.
+    DECODER.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut dec) => decode_frame(&mut dec, src, dst, partial),
+        // Only reentrancy could get here; a fresh decoder is still correct.
+        Err(_) => decode_frame(&mut FrameDecoder::new(), src, dst, partial),
+    })
+}
+
+thread_local! {
+    static DECODER: RefCell<FrameDecoder> = RefCell::new(FrameDecoder::new());
+}
+
+fn decode_frame(
+    dec: &mut FrameDecoder,
+    src: &[u8],
+    dst: &mut [u8],
+    partial: bool,
+) -> Result<(), DecompressError> {
     let mut input = src;
-    let mut dec = FrameDecoder::new();
     dec.reset(&mut input)
         .map_err(|e| err(format!("frame header: {e}")))?;
     let mut op = 0usize;
@@ -96,7 +115,7 @@ pub(super) fn decompress(
         let finished = dec
             .decode_blocks(&mut input, BlockDecodingStrategy::UptoBlocks(1))
             .map_err(|e| err(format!("after {op} bytes: {e}")))?;
-        drain(&mut dec, dst, &mut op)?;
+        drain(dec, dst, &mut op)?;
         if op == dst.len() {
             if partial {
                 return Ok(());
