@@ -642,16 +642,21 @@ fn report_process_at(dir: &str) -> String {
         }
         Err(e) => out.push_str(&format!("{dir}/status: {e}\n")),
     }
+    // Namespaces are compared with a reference process: pid 1 for our own
+    // report, ourselves (the supervisor) for another process's.
+    let (reference, label) = if dir == "/proc/self" {
+        ("/proc/1", "pid 1")
+    } else {
+        ("/proc/self", "the caller")
+    };
     for ns in ["user", "net", "mnt", "ipc"] {
-        let host = std::fs::read_link(format!("/proc/1/ns/{ns}")).ok();
+        let theirs = std::fs::read_link(format!("{reference}/ns/{ns}")).ok();
         match std::fs::read_link(format!("{dir}/ns/{ns}")) {
             Ok(link) => {
-                let own = if host.as_ref() == Some(&link) {
-                    " (same as pid 1)"
-                } else if host.is_some() {
-                    " (own)"
-                } else {
-                    ""
+                let own = match theirs {
+                    Some(t) if t == link => format!(" (same as {label})"),
+                    Some(_) => " (own)".to_owned(),
+                    None => String::new(),
                 };
                 out.push_str(&format!("ns/{ns}: {}{own}\n", link.display()));
             }
@@ -702,4 +707,57 @@ fn report_process_at(dir: &str) -> String {
             .map_or("unsupported".to_owned(), |v| v.to_string())
     ));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_current_describes_this_process() {
+        let report = report_current();
+        for key in [
+            "Seccomp:",
+            "NoNewPrivs:",
+            "CapEff:",
+            "ns/net: net:[",
+            "fds: ",
+            "RLIMIT_CORE: ",
+            "landlock: kernel ABI",
+        ] {
+            assert!(report.contains(key), "missing {key:?} in\n{report}");
+        }
+    }
+
+    #[test]
+    fn disabled_config_changes_nothing() {
+        let before = report_current();
+        let report = apply(&SandboxConfig {
+            enabled: false,
+            ..SandboxConfig::default()
+        })
+        .expect("a disabled sandbox cannot fail");
+        assert!(!report.enabled);
+        assert!(report.to_string().contains("DISABLED"));
+        let after = report_current();
+        let seccomp = |r: &str| {
+            r.lines()
+                .find(|l| l.starts_with("Seccomp:"))
+                .map(str::to_owned)
+        };
+        assert_eq!(seccomp(&before), seccomp(&after));
+    }
+
+    #[test]
+    fn refuses_a_threaded_process_and_socket() {
+        // The unit-test harness runs tests on threads of their own.
+        let err = apply(&SandboxConfig::default()).expect_err("threads are running");
+        assert!(matches!(err, SandboxError::Threaded { .. }), "{err}");
+        let err = apply(&SandboxConfig {
+            extra_syscalls: vec![libc::SYS_socket],
+            ..SandboxConfig::default()
+        })
+        .expect_err("socket cannot be allowed");
+        assert!(matches!(err, SandboxError::Config(_)), "{err}");
+    }
 }

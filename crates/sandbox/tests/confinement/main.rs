@@ -348,11 +348,24 @@ fn status_as_root() -> TestResult {
     let mut s = spawn("status", false)?;
     let lines = s.read_until("applied")?;
     let checked = check_running_child(&s, sandbox::NOBODY, true, None);
+    // What `--sandbox-report` would print about the running server.
+    let outside = sandbox::report_process(s.pid());
     let (status, _, err) = s.finish()?;
     checked?;
     ensure(status.success(), || {
         format!("child: {status}; stderr: {err}")
     })?;
+    for expected in ["Seccomp:\t2", "NoNewPrivs:\t1", "CapEff:\t0000000000000000"] {
+        ensure(outside.contains(expected), || {
+            format!("report_process lacks {expected:?}:\n{outside}")
+        })?;
+    }
+    ensure(
+        outside
+            .lines()
+            .any(|l| l.starts_with("ns/net: net:[") && l.ends_with("(own)")),
+        || format!("report_process does not show an own net namespace:\n{outside}"),
+    )?;
     let report = lines.join("\n");
     for expected in [
         "user namespace:    no (not needed",
