@@ -86,7 +86,15 @@ fn fsname_for_options(name: &str) -> String {
 pub fn mount(mountpoint: &Path, opts: &MountOptions) -> io::Result<(File, Mounted)> {
     // Resolved now: once mounted, looking at the path waits for the server.
     let mountpoint = &std::fs::canonicalize(mountpoint)?;
-    let dev = sys::open_dev_fuse()?;
+    let dev = match sys::open_dev_fuse() {
+        Ok(dev) => dev,
+        // Some systems keep /dev/fuse to root (mode 0600): fusermount3,
+        // being setuid, can still open it.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) => {
+            return mount_with_fusermount(mountpoint, opts);
+        }
+        Err(e) => return Err(e),
+    };
     let (uid, gid) = sys::real_ids();
     let mut data = format!(
         "fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions",

@@ -167,7 +167,13 @@ impl Session {
         let threads = self.config.threads.clamp(1, 64);
         let mut handles = Vec::new();
         for i in 1..threads {
-            let dev = immount_sys::fuse::clone_dev_fuse(self.dev.as_fd())?;
+            // A clone has its own processing queue; where /dev/fuse cannot
+            // be opened (a plain user when it is mode 0600, behind
+            // fusermount3), threads share one file, which also works.
+            let dev = match immount_sys::fuse::clone_dev_fuse(self.dev.as_fd()) {
+                Ok(dev) => dev,
+                Err(_) => self.dev.try_clone()?,
+            };
             let worker = Worker::new(dev, self.fs.clone(), self.shared.clone());
             let h = std::thread::Builder::new()
                 .name(format!("fuse-{i}"))

@@ -1,0 +1,594 @@
+//! End-to-end tests of `immount mount` through the kernel's FUSE driver.
+//!
+//! They run the `mount`/`umount` commands as a user would: the binary is
+//! `$IMMOUNT_BIN` when set (point it at the real `immount`), otherwise this
+//! crate's `immount-fuse`, which compiles the very same CLI module
+//! (crates/cli/src/cmd_mount.rs) and so behaves identically. Cargo cannot
+//! hand one crate's tests another crate's binary, hence the twin.
+//!
+//! They need root (to mount, to create a test user, to enter namespaces)
+//! and the fuse3 and python3 packages; without root they say so and pass.
+//! Every mount is undone by a guard, also when an assertion fails.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+const CORPUS: &str = "../../../shared/corpus";
+
+fn corpus_dir() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The corpus sits beside the repository (../shared from its root).
+    for cand in [here.join(CORPUS), PathBuf::from("/work/shared/corpus")] {
+        if cand.join("images").is_dir() {
+            return cand;
+        }
+    }
+    panic!("the reference corpus (shared/corpus) is missing");
+}
+
+fn bin() -> PathBuf {
+    match std::env::var_os("IMMOUNT_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_immount-fuse")),
+    }
+}
+
+fn is_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root to mount");
+            return;
+        }
+    };
+}
+
+/// A fresh empty directory under /tmp, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "immount-fuse-test-{}-{tag}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether something is mounted at `path` (a resolved path).
+fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let p = path.to_str().unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(p))
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Unmounts (lazily, forcefully) on drop, whatever happened.
+struct MountGuard {
+    mountpoint: PathBuf,
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if is_mounted(&self.mountpoint) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mountpoint)
+                .status();
+        }
+    }
+}
+
+/// Kills a foreground server on drop.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn extra_devices(corpus: &Path, name: &str) -> Vec<PathBuf> {
+    match name {
+        "blobdev" => vec![corpus.join("images/blobdev.blob")],
+        "tar-index" => vec![corpus.join("images/tree.tar")],
+        _ => Vec::new(),
+    }
+}
+
+/// `immount mount` in the background; the guard unmounts.
+fn mount(image: &Path, devices: &[PathBuf], mountpoint: &Path) -> Result<MountGuard, String> {
+    let mut cmd = Command::new(bin());
+    cmd.arg("mount");
+    for d in devices {
+        cmd.arg("--device").arg(d);
+    }
+    let out = cmd
+        .arg(image)
+        .arg(mountpoint)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let guard = MountGuard {
+        mountpoint: mountpoint.canonicalize().unwrap(),
+    };
+    if !out.status.success() {
+        return Err(format!(
+            "mount failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    assert!(
+        is_mounted(&guard.mountpoint),
+        "mount returned 0 but nothing is mounted"
+    );
+    Ok(guard)
+}
+
+fn umount(mountpoint: &Path) {
+    let out = Command::new(bin())
+        .arg("umount")
+        .arg(mountpoint)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "umount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn parse_manifest(text: &str) -> Result<Vec<serde_json::Value>, String> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).map_err(|e| format!("{e}: {l}")))
+        .collect()
+}
+
+/// The corpus images whose manifest differs through the mount, with the
+/// first difference of each.
+fn compare_image(corpus: &Path, name: &str) -> Result<(), String> {
+    let images = corpus.join("images");
+    let expected = parse_manifest(
+        &std::fs::read_to_string(images.join(format!("{name}.manifest.jsonl"))).unwrap(),
+    )?;
+    let dir = TempDir::new(name);
+    let guard = mount(
+        &images.join(format!("{name}.erofs")),
+        &extra_devices(corpus, name),
+        &dir.0,
+    )?;
+    let out = Command::new("python3")
+        .arg(corpus.join("manifest.py"))
+        .arg(&guard.mountpoint)
+        .output()
+        .map_err(|e| format!("python3: {e}"))?;
+    umount(&guard.mountpoint);
+    if !out.status.success() {
+        return Err(format!(
+            "manifest.py failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        ));
+    }
+    let got = parse_manifest(&String::from_utf8_lossy(&out.stdout))?;
+    for (i, (e, g)) in expected.iter().zip(&got).enumerate() {
+        if e != g {
+            return Err(format!("line {}: expected {e}\n  got {g}", i + 1));
+        }
+    }
+    if expected.len() != got.len() {
+        return Err(format!(
+            "{} entries expected, {} seen",
+            expected.len(),
+            got.len()
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn every_corpus_image_matches_the_kernel_manifest() {
+    require_root!();
+    let corpus = corpus_dir();
+    let mut names: Vec<String> = std::fs::read_dir(corpus.join("images"))
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .into_string()
+                .ok()?
+                .strip_suffix(".erofs")
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    assert!(names.len() >= 20, "corpus looks incomplete: {names:?}");
+    let mut failures = BTreeMap::new();
+    for name in &names {
+        match compare_image(&corpus, name) {
+            Ok(()) => eprintln!("{name}: same as the kernel"),
+            Err(e) => {
+                eprintln!("{name}: DIFFERS: {e}");
+                failures.insert(name.clone(), e);
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} images differ: {:?}",
+        failures.len(),
+        names.len(),
+        failures.keys()
+    );
+}
+
+/// A regular file of the plain image and its sha256, from the manifest.
+fn sample_file(corpus: &Path) -> (String, String) {
+    let text = std::fs::read_to_string(corpus.join("images/plain.manifest.jsonl")).unwrap();
+    let entries = parse_manifest(&text).unwrap();
+    let e = entries
+        .iter()
+        .filter(|e| e["type"] == 8 && e["size"].as_u64().unwrap_or(0) > 10_000)
+        .find(|e| {
+            e["mode"].as_str().is_some_and(|m| {
+                m.ends_with('4') || m.ends_with('5') || m.ends_with('6') || m.ends_with('7')
+            })
+        })
+        .expect("a world-readable file of some size");
+    (
+        e["path"].as_str().unwrap().to_owned(),
+        e["sha256"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn sha256_of(out: &[u8]) -> String {
+    String::from_utf8_lossy(out)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+const TEST_USER: &str = "immount-fuse-test";
+
+#[test]
+fn plain_user_mounts_through_fusermount3() {
+    require_root!();
+    let corpus = corpus_dir();
+    let (file, sum) = sample_file(&corpus);
+    let exists = Command::new("id")
+        .arg("-u")
+        .arg(TEST_USER)
+        .output()
+        .unwrap()
+        .status
+        .success();
+    if !exists {
+        let st = Command::new("useradd")
+            .args(["--system", "--no-create-home", TEST_USER])
+            .status()
+            .unwrap();
+        assert!(st.success(), "useradd failed");
+    }
+    // Distributions make /dev/fuse 0666 (fusermount3 opens it with the
+    // user's own rights); some containers leave it 0600. Make it standard.
+    let fuse_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata("/dev/fuse").unwrap().permissions(),
+    );
+    if fuse_mode & 0o006 != 0o006 {
+        eprintln!("note: making /dev/fuse 0666 as distributions do");
+        std::fs::set_permissions(
+            "/dev/fuse",
+            std::os::unix::fs::PermissionsExt::from_mode(0o666),
+        )
+        .unwrap();
+    }
+    // The user needs a program, image and mount point it can reach.
+    let dir = TempDir::new("user");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let exe = dir.0.join("immount");
+    std::fs::copy(bin(), &exe).unwrap();
+    let image = dir.0.join("plain.erofs");
+    std::fs::copy(corpus.join("images/plain.erofs"), &image).unwrap();
+    let mp = dir.0.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let chown = Command::new("chown")
+        .arg(TEST_USER)
+        .arg(&mp)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let _guard = MountGuard {
+        mountpoint: mp.clone(),
+    };
+    let script = format!(
+        "set -e; {exe} mount {image} {mp}; sha256sum '{mp}{file}'; {exe} umount {mp}",
+        exe = exe.display(),
+        image = image.display(),
+        mp = mp.display()
+    );
+    let out = Command::new("runuser")
+        .args(["-u", TEST_USER, "--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "as a plain user: {stderr}");
+    assert_eq!(sha256_of(&out.stdout), sum, "content read as a plain user");
+    wait_until("the user's mount is gone", Duration::from_secs(10), || {
+        !is_mounted(&mp)
+    });
+}
+
+#[test]
+fn mounts_directly_inside_an_unprivileged_user_namespace() {
+    require_root!();
+    let corpus = corpus_dir();
+    let (file, sum) = sample_file(&corpus);
+    let dir = TempDir::new("userns");
+    let mp = dir.0.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let script = format!(
+        "set -e; {exe} mount {image} {mp}; grep -q 'fuse.immount' /proc/self/mounts; sha256sum '{mp}{file}'; {exe} umount {mp}",
+        exe = bin().display(),
+        image = corpus.join("images/plain.erofs").display(),
+        mp = mp.display()
+    );
+    // As root, `unshare -Urm` still makes a user namespace; run it as the
+    // test user when there is one so that it is really unprivileged.
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-Urm", "sh", "-c", &script]);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "in a user namespace: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sha256_of(&out.stdout), sum);
+}
+
+/// Walk a mount, reading everything, bounded against cycles. Returns the
+/// number of entries seen; panics on ENOTCONN (the server died).
+fn hostile_walk(root: &Path) -> usize {
+    const ENOTCONN: i32 = 107;
+    let check = |e: &std::io::Error, what: &Path| {
+        assert_ne!(
+            e.raw_os_error(),
+            Some(ENOTCONN),
+            "server gone while reading {}",
+            what.display()
+        );
+    };
+    let mut seen = 0usize;
+    let mut stack = vec![(root.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                check(&e, &dir);
+                continue;
+            }
+        };
+        for entry in entries {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    check(&e, &dir);
+                    break;
+                }
+            };
+            seen += 1;
+            if seen > 50_000 {
+                return seen;
+            }
+            let path = entry.path();
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if m.is_dir() && depth < 24 => stack.push((path, depth + 1)),
+                Ok(m) if m.is_file() => {
+                    if let Err(e) = std::fs::read(&path) {
+                        check(&e, &path);
+                    }
+                }
+                Ok(m) if m.file_type().is_symlink() => {
+                    if let Err(e) = std::fs::read_link(&path) {
+                        check(&e, &path);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => check(&e, &path),
+            }
+        }
+    }
+    seen
+}
+
+#[test]
+fn mutated_images_fail_requests_not_the_server() {
+    require_root!();
+    let corpus = corpus_dir();
+    let original = std::fs::read(corpus.join("images/plain.erofs")).unwrap();
+    let dir = TempDir::new("mutants");
+    // The metadata (inodes, directories, xattrs) of the plain image sits
+    // after the superblock; flip bytes there, deterministically.
+    let meta_end = original.len().min(256 * 1024);
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut mounted, mut refused) = (0, 0);
+    for round in 0..24 {
+        let mut bytes = original.clone();
+        for _ in 0..(4 + round * 2) {
+            let at = 1024 + 128 + (next() as usize % (meta_end - 1024 - 128));
+            bytes[at] ^= (next() as u8) | 1;
+        }
+        let image = dir.0.join(format!("mutant-{round}.erofs"));
+        std::fs::write(&image, &bytes).unwrap();
+        let mp = dir.0.join(format!("mnt-{round}"));
+        std::fs::create_dir(&mp).unwrap();
+        let guard = match mount(&image, &[], &mp) {
+            Ok(g) => g,
+            Err(_) => {
+                refused += 1;
+                continue;
+            }
+        };
+        mounted += 1;
+        hostile_walk(&guard.mountpoint);
+        // Still serving after all that.
+        std::fs::symlink_metadata(&guard.mountpoint).expect("the mount still answers");
+        umount(&guard.mountpoint);
+    }
+    eprintln!("{mounted} mutants mounted and walked, {refused} refused at mount");
+    assert!(
+        mounted > 0,
+        "no mutant could be mounted: the mutation is too coarse to test anything"
+    );
+}
+
+fn spawn_foreground(image: &Path, mountpoint: &Path) -> ChildGuard {
+    let child = Command::new(bin())
+        .args(["mount", "-f"])
+        .arg(image)
+        .arg(mountpoint)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = ChildGuard(child);
+    let mp = mountpoint.canonicalize().unwrap();
+    wait_until("mounted", Duration::from_secs(10), || is_mounted(&mp));
+    child
+}
+
+fn wait_exit(child: &mut ChildGuard, timeout: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            return st;
+        }
+        assert!(start.elapsed() < timeout, "the server did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_unmounts_and_exits() {
+    require_root!();
+    let corpus = corpus_dir();
+    let dir = TempDir::new("sigterm");
+    let mp = dir.0.canonicalize().unwrap();
+    let _guard = MountGuard {
+        mountpoint: mp.clone(),
+    };
+    let mut child = spawn_foreground(&corpus.join("images/plain.erofs"), &mp);
+    assert!(std::fs::read_dir(&mp).unwrap().count() > 3);
+    let st = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.0.id().to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "server exit status after SIGTERM: {status}"
+    );
+    assert!(!is_mounted(&mp), "still mounted after SIGTERM");
+}
+
+#[test]
+fn umount_makes_the_server_exit() {
+    require_root!();
+    let corpus = corpus_dir();
+    let dir = TempDir::new("umount");
+    let mp = dir.0.canonicalize().unwrap();
+    let _guard = MountGuard {
+        mountpoint: mp.clone(),
+    };
+    let mut child = spawn_foreground(&corpus.join("images/plain.erofs"), &mp);
+    assert!(std::fs::read_dir(&mp).unwrap().count() > 3);
+    let st = Command::new("umount").arg(&mp).status().unwrap();
+    assert!(st.success());
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    assert!(
+        status.success(),
+        "server exit status after umount: {status}"
+    );
+}
+
+#[test]
+fn bad_image_and_bad_usage_exit_codes() {
+    require_root!();
+    let dir = TempDir::new("codes");
+    let junk = dir.0.join("junk.erofs");
+    std::fs::write(&junk, vec![0x5au8; 8192]).unwrap();
+    let mp = dir.0.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let _guard = MountGuard {
+        mountpoint: mp.canonicalize().unwrap(),
+    };
+    let out = Command::new(bin())
+        .arg("mount")
+        .arg(&junk)
+        .arg(&mp)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+    let out = Command::new(bin())
+        .arg("mount")
+        .arg(dir.0.join("missing"))
+        .arg(&mp)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(bin())
+        .args(["mount", "-o", "rw"])
+        .arg(corpus_dir().join("images/plain.erofs"))
+        .arg(&mp)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!is_mounted(&mp.canonicalize().unwrap()));
+}
