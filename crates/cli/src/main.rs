@@ -2,6 +2,7 @@
 //! them. This binary is a thin layer: the format lives in the `erofs` crate,
 //! and every subcommand turns library errors into one line and an exit code.
 
+mod cmd_mount;
 mod extract;
 mod manifest;
 mod offline;
@@ -44,6 +45,12 @@ pub struct ImageArgs {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Mount an image read-only through FUSE (as root, as a plain user
+    /// through fusermount3, or inside a user namespace). Returns once the
+    /// mount is ready; the server keeps serving in the background.
+    Mount(cmd_mount::MountArgs),
+    /// Unmount a mount made by `immount mount`; the server then exits.
+    Umount(cmd_mount::UmountArgs),
     /// Print the superblock: features, block size, counts.
     Inspect {
         #[command(flatten)]
@@ -141,6 +148,10 @@ pub fn open_image(args: &ImageArgs) -> anyhow::Result<erofs::Image> {
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
+        Command::Mount(args) => Ok(u8::try_from(cmd_mount::run_mount(args)?).unwrap_or(EXIT_USAGE)),
+        Command::Umount(args) => {
+            Ok(u8::try_from(cmd_mount::run_umount(args)?).unwrap_or(EXIT_USAGE))
+        }
         Command::Inspect { image, json } => offline::inspect(&image, json),
         Command::Ls {
             image,
