@@ -1,0 +1,315 @@
+//! What the CLI and the daemon share: the verity options a user gives, the
+//! systemd sidecar files found next to an image, and [`open_image`], which
+//! turns both into a reader the EROFS parser can trust.
+//!
+//! Sidecars follow systemd's naming: for `IMAGE` (or `NAME.raw`, whose
+//! `.raw` is replaced) the tree is `IMAGE.verity`, the root hash
+//! `IMAGE.roothash` (hex text) and its signature `IMAGE.roothash.p7s`.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use erofs::ReadAt;
+
+use crate::signature::MAX_SIGNATURE_SIZE;
+use crate::tree::geometry_from_superblock;
+use crate::{
+    verify_root_hash_signature, Error, Geometry, Result, RootHash, TrustStore, TrustedSigner,
+    VerifiedReader,
+};
+
+/// Sidecar files found next to an image; each is `Some` only if it exists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sidecars {
+    /// `IMAGE.verity`: the hash tree (with superblock) in its own file.
+    pub verity: Option<PathBuf>,
+    /// `IMAGE.roothash`: the root hash as hex text.
+    pub roothash: Option<PathBuf>,
+    /// `IMAGE.roothash.p7s`: a detached PKCS#7 signature of the root hash.
+    pub signature: Option<PathBuf>,
+}
+
+/// The path systemd gives the sidecar with `suffix` of `image`.
+pub fn sidecar_path(image: &Path, suffix: &str) -> PathBuf {
+    let mut name = image.as_os_str().to_os_string();
+    let bytes = name.as_encoded_bytes();
+    if let Some(stem) = bytes.strip_suffix(b".raw") {
+        // Cut at an ASCII boundary, so the prefix is still a valid OsStr.
+        let stem_len = stem.len();
+        let text = name.to_string_lossy().into_owned();
+        if text.len() == bytes.len() {
+            name = text[..stem_len].into();
+        }
+    }
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+impl Sidecars {
+    /// Look for the sidecars of `image`.
+    pub fn discover(image: &Path) -> Self {
+        let found = |suffix: &str| {
+            let path = sidecar_path(image, suffix);
+            path.is_file().then_some(path)
+        };
+        Sidecars {
+            verity: found(".verity"),
+            roothash: found(".roothash"),
+            signature: found(".roothash.p7s"),
+        }
+    }
+}
+
+/// How signatures are judged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustPolicy {
+    /// Directory of trusted X.509 certificates (PEM or DER).
+    pub trust_dir: Option<PathBuf>,
+    /// Refuse images without a root hash signed by a trusted certificate.
+    pub require_signature: bool,
+}
+
+/// The verity options of `mount`, `fsck`, `manifest`, `cat`, `extract`
+/// and the daemon. All default to "not given".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerityOptions {
+    /// Trusted root hash (`--root-hash`); else the `.roothash` sidecar.
+    pub root_hash: Option<RootHash>,
+    /// Signature of the root hash (`--root-hash-sig`); else the sidecar.
+    pub root_hash_sig: Option<PathBuf>,
+    /// Hash tree file (`--verity-data`); else the `.verity` sidecar, else
+    /// the image itself at `hash_offset`.
+    pub verity_data: Option<PathBuf>,
+    /// Offset of the hash area in the tree file or the image.
+    pub hash_offset: Option<u64>,
+    /// Do not look for sidecar files.
+    pub no_sidecars: bool,
+    /// How signatures are judged.
+    pub trust: TrustPolicy,
+}
+
+/// What is known about an image's root-hash signature.
+#[derive(Debug, Clone)]
+pub enum SignatureStatus {
+    /// No signature was given or found.
+    Absent,
+    /// A sidecar signature exists but no trust directory was given, so it
+    /// was not checked; the root hash is then only as trustworthy as the
+    /// place it came from.
+    Unchecked(PathBuf),
+    /// The signature verified against this trusted certificate.
+    Valid(TrustedSigner),
+}
+
+impl SignatureStatus {
+    /// True when a trusted certificate signed the root hash.
+    pub fn is_valid(&self) -> bool {
+        matches!(self, SignatureStatus::Valid(_))
+    }
+}
+
+/// Verity details of an opened image.
+#[derive(Debug, Clone)]
+pub struct VerityInfo {
+    /// The root hash every block was checked against.
+    pub root_hash: RootHash,
+    /// Where it came from (`--root-hash` or a sidecar path).
+    pub root_hash_source: String,
+    /// The tree layout.
+    pub geometry: Geometry,
+    /// Where the tree was read from.
+    pub tree_path: PathBuf,
+    /// The signature verdict.
+    pub signature: SignatureStatus,
+}
+
+/// An image ready for the EROFS parser.
+pub struct OpenedImage {
+    /// Every read is verified when `verity` is `Some`; else the plain file.
+    pub reader: Arc<dyn ReadAt>,
+    /// `None` when no verity was requested or found.
+    pub verity: Option<VerityInfo>,
+}
+
+impl std::fmt::Debug for OpenedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedImage")
+            .field("verity", &self.verity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenedImage {
+    /// True when the root hash was signed by a trusted certificate.
+    pub fn signed(&self) -> bool {
+        self.verity.as_ref().is_some_and(|v| v.signature.is_valid())
+    }
+}
+
+fn open(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))
+}
+
+/// Read a whole small file, refusing more than `max` bytes.
+fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open(path)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    if bytes.len() as u64 > max {
+        return Err(Error::invalid(format!(
+            "{} is larger than {max} bytes",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Open `image` as `opts` ask: the plain file when no root hash is given or
+/// found, else a [`VerifiedReader`] over it, after checking the signature
+/// as the trust policy demands.
+///
+/// Refused (an error) when: a signature is given or required and does not
+/// verify against the trust directory; `require_signature` is set and there
+/// is no valid signature; the tree's top does not match the root hash; a
+/// tree or signature is given without a root hash.
+pub fn open_image(image: &Path, opts: &VerityOptions) -> Result<OpenedImage> {
+    let sidecars = if opts.no_sidecars {
+        Sidecars::default()
+    } else {
+        Sidecars::discover(image)
+    };
+    let (root_hash, root_hash_source) = match (&opts.root_hash, &sidecars.roothash) {
+        (Some(root), _) => (Some(*root), "--root-hash".to_string()),
+        (None, Some(path)) => {
+            let text = read_capped(path, 4096)?;
+            let text = String::from_utf8(text)
+                .map_err(|_| Error::invalid(format!("{} is not hex text", path.display())))?;
+            let root = text
+                .parse::<RootHash>()
+                .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+            (Some(root), path.display().to_string())
+        }
+        (None, None) => (None, String::new()),
+    };
+    let Some(root_hash) = root_hash else {
+        if opts.trust.require_signature {
+            return Err(Error::untrusted(format!(
+                "{} has no root hash, but a signed one is required",
+                image.display()
+            )));
+        }
+        if opts.root_hash_sig.is_some() || opts.verity_data.is_some() || opts.hash_offset.is_some()
+        {
+            return Err(Error::invalid(
+                "verity options given without a root hash (--root-hash or IMAGE.roothash)",
+            ));
+        }
+        return Ok(OpenedImage {
+            reader: Arc::new(open(image)?),
+            verity: None,
+        });
+    };
+
+    let signature = check_signature(&root_hash, opts, &sidecars)?;
+
+    let data = Arc::new(open(image)?);
+    let (hash, tree_path, offset): (Arc<File>, PathBuf, u64) =
+        match (&opts.verity_data, &sidecars.verity) {
+            (Some(p), _) | (None, Some(p)) => {
+                (Arc::new(open(p)?), p.clone(), opts.hash_offset.unwrap_or(0))
+            }
+            (None, None) => match opts.hash_offset {
+                Some(off) => (Arc::clone(&data), image.to_path_buf(), off),
+                None => {
+                    return Err(Error::invalid(format!(
+                "no hash tree for {}: give --verity-data or --hash-offset, or put {} next to it",
+                image.display(),
+                sidecar_path(image, ".verity").display()
+            )))
+                }
+            },
+        };
+    let geometry = geometry_from_superblock(&*hash, offset).map_err(|e| prefix(e, &tree_path))?;
+    if Arc::ptr_eq(&hash, &data) && geometry.data_size() > offset {
+        return Err(Error::invalid(format!(
+            "the verity data area ({} bytes) overlaps the hash area at {offset}",
+            geometry.data_size()
+        )));
+    }
+    let reader = VerifiedReader::new(Arc::clone(&data), hash, geometry.clone(), root_hash)?;
+    Ok(OpenedImage {
+        reader: Arc::new(reader),
+        verity: Some(VerityInfo {
+            root_hash,
+            root_hash_source,
+            geometry,
+            tree_path,
+            signature,
+        }),
+    })
+}
+
+fn prefix(e: Error, path: &Path) -> Error {
+    match e {
+        Error::Invalid(m) => Error::Invalid(format!("{}: {m}", path.display())),
+        Error::Unsupported(m) => Error::Unsupported(format!("{}: {m}", path.display())),
+        other => other,
+    }
+}
+
+/// Apply the trust policy to the signature of `root`, if there is one.
+fn check_signature(
+    root: &RootHash,
+    opts: &VerityOptions,
+    sidecars: &Sidecars,
+) -> Result<SignatureStatus> {
+    let explicit = opts.root_hash_sig.is_some();
+    let Some(sig_path) = opts.root_hash_sig.as_ref().or(sidecars.signature.as_ref()) else {
+        if opts.trust.require_signature {
+            return Err(Error::untrusted(
+                "a signed root hash is required but there is no signature (--root-hash-sig or IMAGE.roothash.p7s)",
+            ));
+        }
+        return Ok(SignatureStatus::Absent);
+    };
+    let Some(dir) = &opts.trust.trust_dir else {
+        if explicit || opts.trust.require_signature {
+            return Err(Error::untrusted(
+                "a signature can only be checked against a trust directory (--trust-dir)",
+            ));
+        }
+        return Ok(SignatureStatus::Unchecked(sig_path.clone()));
+    };
+    let store = TrustStore::load_dir(dir)?;
+    let signature = read_capped(sig_path, MAX_SIGNATURE_SIZE)?;
+    let signer = verify_root_hash_signature(&signature, root, &store).map_err(|e| match e {
+        Error::Untrusted(m) => Error::Untrusted(format!("{}: {m}", sig_path.display())),
+        other => other,
+    })?;
+    Ok(SignatureStatus::Valid(signer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecar_names_follow_systemd() {
+        assert_eq!(
+            sidecar_path(Path::new("/x/foo.raw"), ".roothash"),
+            Path::new("/x/foo.roothash")
+        );
+        assert_eq!(
+            sidecar_path(Path::new("/x/foo.erofs"), ".roothash.p7s"),
+            Path::new("/x/foo.erofs.roothash.p7s")
+        );
+        assert_eq!(
+            sidecar_path(Path::new("a"), ".verity"),
+            Path::new("a.verity")
+        );
+    }
+}

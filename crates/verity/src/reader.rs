@@ -1,0 +1,274 @@
+//! [`VerifiedReader`]: positional reads that only ever return bytes whose
+//! hashes chain up to the trusted root hash.
+//!
+//! Every read hashes each data block it touches, every time: the bytes
+//! handed out are the bytes that were hashed, so changing the image after it
+//! was opened cannot slip anything past. Hash blocks are verified once (up
+//! the tree to the root) and kept in a bounded cache of verified copies; the
+//! cache never holds bytes that did not verify.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use erofs::ReadAt;
+
+use crate::geometry::Geometry;
+use crate::root_hash::RootHash;
+use crate::tree::check_sizes;
+use crate::{Error, Result};
+
+/// Default memory for verified hash blocks: 16 MiB, which covers 2 GiB of
+/// data at level 0 with 4 KiB blocks before anything must be re-verified.
+pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
+
+/// A verified hash block and when it was last used.
+#[derive(Debug)]
+struct Entry {
+    bytes: Arc<[u8]>,
+    last_used: AtomicU64,
+}
+
+/// Verified hash blocks keyed by (level, index), least recently used
+/// evicted in batches so the cost per insert stays constant.
+#[derive(Debug)]
+struct HashCache {
+    map: RwLock<HashMap<(usize, u64), Entry>>,
+    clock: AtomicU64,
+    capacity: usize,
+}
+
+impl HashCache {
+    fn new(capacity: usize) -> Self {
+        HashCache {
+            map: RwLock::new(HashMap::new()),
+            clock: AtomicU64::new(0),
+            capacity: capacity.max(8),
+        }
+    }
+
+    fn get(&self, key: (usize, u64)) -> Option<Arc<[u8]>> {
+        // A poisoned lock still guards only verified blocks: keep using it.
+        let map = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        let entry = map.get(&key)?;
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        entry.last_used.store(now, Ordering::Relaxed);
+        Some(Arc::clone(&entry.bytes))
+    }
+
+    fn insert(&self, key: (usize, u64), bytes: Arc<[u8]>) {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= self.capacity {
+            // Drop the older half: amortised O(1) per insert.
+            let mut stamps: Vec<u64> = map
+                .values()
+                .map(|e| e.last_used.load(Ordering::Relaxed))
+                .collect();
+            let mid = stamps.len() / 2;
+            let (_, &mut cutoff, _) = stamps.select_nth_unstable(mid);
+            map.retain(|_, e| e.last_used.load(Ordering::Relaxed) > cutoff);
+        }
+        map.insert(
+            key,
+            Entry {
+                bytes,
+                last_used: AtomicU64::new(now),
+            },
+        );
+    }
+
+    fn len(&self) -> usize {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// A [`ReadAt`] over the data area of an image that checks every block
+/// against a dm-verity hash tree before returning its bytes.
+///
+/// `R` is the image, `H` the source of the hash tree (the same file when the
+/// tree is appended to the image). A block that does not verify makes the
+/// read fail with [`io::ErrorKind::InvalidData`] and a message naming the
+/// block; reads past the data area fail with
+/// [`io::ErrorKind::UnexpectedEof`]. Safe to share between threads.
+#[derive(Debug)]
+pub struct VerifiedReader<R, H = R> {
+    data: R,
+    hash: H,
+    geometry: Geometry,
+    root: RootHash,
+    cache: HashCache,
+}
+
+impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
+    /// Wrap `data` with the tree in `hash` laid out by `geometry`, trusting
+    /// `root`. The top of the tree is checked now, so a wrong root hash
+    /// fails here rather than on the first read.
+    pub fn new(data: R, hash: H, geometry: Geometry, root: RootHash) -> Result<Self> {
+        Self::with_cache_bytes(data, hash, geometry, root, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`VerifiedReader::new`] with a memory budget for cached hash
+    /// blocks.
+    pub fn with_cache_bytes(
+        data: R,
+        hash: H,
+        geometry: Geometry,
+        root: RootHash,
+        cache_bytes: usize,
+    ) -> Result<Self> {
+        check_sizes(Some(&data), &hash, &geometry)?;
+        let capacity = cache_bytes / geometry.params().hash_block_size as usize;
+        let reader = VerifiedReader {
+            data,
+            hash,
+            geometry,
+            root,
+            cache: HashCache::new(capacity),
+        };
+        match reader.geometry.levels().len() {
+            0 => {
+                let mut block = vec![0u8; reader.geometry.params().data_block_size as usize];
+                reader.read_verified(&mut block, 0)
+            }
+            n => reader.hash_block(n - 1, 0).map(drop),
+        }
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => Error::Mismatch(format!(
+                "root hash mismatch: the tree does not match {}",
+                reader.root
+            )),
+            _ => Error::io("reading the top of the hash tree", e),
+        })?;
+        Ok(reader)
+    }
+
+    /// The tree layout.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// The trusted root hash.
+    pub fn root_hash(&self) -> RootHash {
+        self.root
+    }
+
+    /// Number of hash blocks currently cached.
+    pub fn cached_hash_blocks(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// The verified hash block `index` of `level`, from the cache or read
+    /// and checked against its parent (recursively up to the root).
+    fn hash_block(&self, level: usize, index: u64) -> io::Result<Arc<[u8]>> {
+        if let Some(bytes) = self.cache.get((level, index)) {
+            return Ok(bytes);
+        }
+        let params = self.geometry.params();
+        let info = self.geometry.levels()[level];
+        if index >= info.blocks {
+            return Err(invalid(format!(
+                "hash block {index} of level {level} is outside the tree"
+            )));
+        }
+        let hbs = u64::from(params.hash_block_size);
+        let mut bytes = vec![0u8; params.hash_block_size as usize];
+        // offset + index * hbs lies below hash_end, which did not overflow.
+        let offset = info.offset + index * hbs;
+        self.hash.read_exact_at(&mut bytes, offset)?;
+        let digest = params.digest(&bytes);
+        let ok = if level + 1 == self.geometry.levels().len() {
+            digest == self.root.0
+        } else {
+            let (parent, range) = self.geometry.parent_entry(index);
+            let parent_bytes = self.hash_block(level + 1, parent)?;
+            parent_bytes[range] == digest
+        };
+        if !ok {
+            return Err(invalid(format!(
+                "verity: hash block {index} of level {level} (offset {offset}) is corrupt"
+            )));
+        }
+        let bytes: Arc<[u8]> = bytes.into();
+        self.cache.insert((level, index), Arc::clone(&bytes));
+        Ok(bytes)
+    }
+
+    /// Fill `buf`, whose length is a multiple of the data block size, from
+    /// the block-aligned `offset`, and check every block.
+    fn read_verified(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.data.read_exact_at(buf, offset)?;
+        let params = self.geometry.params();
+        let dbs = params.data_block_size as usize;
+        let first = offset / dbs as u64;
+        for (i, block) in buf.chunks_exact(dbs).enumerate() {
+            let index = first + i as u64;
+            let digest = params.digest(block);
+            let ok = if self.geometry.levels().is_empty() {
+                digest == self.root.0
+            } else {
+                let (parent, range) = self.geometry.parent_entry(index);
+                self.hash_block(0, parent)?[range] == digest
+            };
+            if !ok {
+                return Err(invalid(format!(
+                    "verity: data block {index} (offset {}) does not match its hash",
+                    index * dbs as u64
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+impl<R: ReadAt, H: ReadAt> ReadAt for VerifiedReader<R, H> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let size = self.geometry.data_size();
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&end| end <= size)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "read of {} bytes at offset {offset} is past the verified data area ({size} bytes)",
+                        buf.len()
+                    ),
+                )
+            })?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let dbs = u64::from(self.geometry.params().data_block_size);
+        let start = offset - offset % dbs;
+        let stop = end.next_multiple_of(dbs); // <= size, a multiple of dbs
+        let result = if start == offset && stop == end {
+            self.read_verified(buf, offset)
+        } else {
+            // Unaligned: read whole blocks aside, copy out only if all verify.
+            let len = usize::try_from(stop - start).map_err(io::Error::other)?;
+            let mut scratch = vec![0u8; len];
+            self.read_verified(&mut scratch, start).map(|()| {
+                let skip = (offset - start) as usize;
+                buf.copy_from_slice(&scratch[skip..skip + buf.len()]);
+            })
+        };
+        if result.is_err() {
+            // Never leave unverified bytes behind for a careless caller.
+            buf.fill(0);
+        }
+        result
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.geometry.data_size())
+    }
+}
