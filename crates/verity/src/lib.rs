@@ -43,4 +43,7 @@ pub use reader::VerifiedReader;
 pub use root_hash::RootHash;
 pub use signature::{sign_root_hash, verify_root_hash_signature, TrustStore, TrustedSigner};
 pub use superblock::Superblock;
-pub use tree::{compute_tree, format_image, verify_image, FormatOptions, FormatReport, HashTree};
+pub use tree::{
+    compute_tree, format_image, geometry_from_superblock, verify_image, FormatOptions,
+    FormatReport, HashTree,
+};

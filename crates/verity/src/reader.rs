@@ -229,8 +229,9 @@ fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-impl<R: ReadAt, H: ReadAt> ReadAt for VerifiedReader<R, H> {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
+    /// The body of [`ReadAt::read_exact_at`]; the caller clears `buf` on error.
+    fn read_checked(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let size = self.geometry.data_size();
         let end = offset
             .checked_add(buf.len() as u64)
@@ -250,17 +251,22 @@ impl<R: ReadAt, H: ReadAt> ReadAt for VerifiedReader<R, H> {
         let dbs = u64::from(self.geometry.params().data_block_size);
         let start = offset - offset % dbs;
         let stop = end.next_multiple_of(dbs); // <= size, a multiple of dbs
-        let result = if start == offset && stop == end {
-            self.read_verified(buf, offset)
-        } else {
-            // Unaligned: read whole blocks aside, copy out only if all verify.
-            let len = usize::try_from(stop - start).map_err(io::Error::other)?;
-            let mut scratch = vec![0u8; len];
-            self.read_verified(&mut scratch, start).map(|()| {
-                let skip = (offset - start) as usize;
-                buf.copy_from_slice(&scratch[skip..skip + buf.len()]);
-            })
-        };
+        if start == offset && stop == end {
+            return self.read_verified(buf, offset);
+        }
+        // Unaligned: read whole blocks aside, copy out only if all verify.
+        let len = usize::try_from(stop - start).map_err(io::Error::other)?;
+        let mut scratch = vec![0u8; len];
+        self.read_verified(&mut scratch, start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&scratch[skip..skip + buf.len()]);
+        Ok(())
+    }
+}
+
+impl<R: ReadAt, H: ReadAt> ReadAt for VerifiedReader<R, H> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let result = self.read_checked(buf, offset);
         if result.is_err() {
             // Never leave unverified bytes behind for a careless caller.
             buf.fill(0);
