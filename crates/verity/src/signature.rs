@@ -19,7 +19,7 @@ use cms::signed_data::{
     EncapsulatedContentInfo, SignedData, SignerIdentifier, SignerInfo, SignerInfos,
 };
 use der::asn1::{Any, ObjectIdentifier, OctetString, SetOfVec};
-use der::{Decode, Encode};
+use der::{Decode, Encode, Tagged};
 use ecdsa::signature::hazmat::{PrehashSigner, PrehashVerifier};
 use rsa::pkcs1::DecodeRsaPrivateKey;
 use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey};
@@ -422,8 +422,19 @@ pub fn verify_signature(
             return Err(Error::untrusted("signature embeds a different root hash"));
         }
     }
+    // Versions as RFC 5652 and the kernel's PKCS#7 parser allow them.
+    if !matches!(signed.version, CmsVersion::V1 | CmsVersion::V3) {
+        return Err(Error::untrusted(format!(
+            "signedData version {:?} is not 1 or 3",
+            signed.version
+        )));
+    }
     let mut first_error = None;
     for signer in signed.signer_infos.0.iter() {
+        if let Err(e) = check_signer_form(signer, &signed) {
+            first_error.get_or_insert(e);
+            continue;
+        }
         match verify_signer(signer, content, trust, now) {
             Ok(found) => return Ok(found),
             Err(e) => {
@@ -432,6 +443,56 @@ pub fn verify_signature(
         }
     }
     Err(first_error.unwrap_or_else(|| Error::untrusted("signature has no signer")))
+}
+
+/// Parameters of a digest or ECDSA algorithm identifier: absent or NULL.
+fn params_absent_or_null(alg: &AlgorithmIdentifierOwned) -> bool {
+    alg.parameters
+        .as_ref()
+        .is_none_or(|p| p.tag() == der::Tag::Null && p.value().is_empty())
+}
+
+/// Refuse malleable encodings: the unsigned parts of a SignerInfo must be
+/// well formed, so changing any byte of a signature invalidates it.
+fn check_signer_form(signer: &SignerInfo, signed: &SignedData) -> Result<()> {
+    let version_ok = match signer.sid {
+        SignerIdentifier::IssuerAndSerialNumber(_) => signer.version == CmsVersion::V1,
+        SignerIdentifier::SubjectKeyIdentifier(_) => signer.version == CmsVersion::V3,
+    };
+    if !version_ok {
+        return Err(Error::untrusted(format!(
+            "signerInfo version {:?} does not fit its signer identifier",
+            signer.version
+        )));
+    }
+    if !signed
+        .digest_algorithms
+        .iter()
+        .any(|a| *a == signer.digest_alg)
+    {
+        return Err(Error::untrusted(
+            "the signer's digest algorithm is not listed in signedData",
+        ));
+    }
+    if !params_absent_or_null(&signer.digest_alg) {
+        return Err(Error::untrusted("digest algorithm has parameters"));
+    }
+    let sig_params_ok = match signer.signature_algorithm.oid {
+        // RFC 5758: ECDSA identifiers have no parameters at all.
+        ECDSA_WITH_SHA256 | ECDSA_WITH_SHA384 | ECDSA_WITH_SHA512 => {
+            signer.signature_algorithm.parameters.is_none()
+        }
+        _ => params_absent_or_null(&signer.signature_algorithm),
+    };
+    if !sig_params_ok {
+        return Err(Error::untrusted(
+            "signature algorithm has unexpected parameters",
+        ));
+    }
+    if signer.unsigned_attrs.is_some() {
+        return Err(Error::untrusted("signerInfo has unsigned attributes"));
+    }
+    Ok(())
 }
 
 fn verify_signer(
