@@ -11,9 +11,9 @@ use crate::inode::{FileType, Inode};
 const DIRENT_SIZE: usize = 12;
 /// The longest name a dirent may carry.
 pub const NAME_LEN_MAX: usize = 255;
-/// The largest directory we read (1 GiB of dirent blocks is millions of
+/// The largest directory we read (256 MiB of dirent blocks is millions of
 /// entries; anything larger is a hostile image trying to make walks endless).
-pub const DIR_SIZE_MAX: u64 = 1 << 30;
+pub const DIR_SIZE_MAX: u64 = 1 << 28;
 
 /// One directory entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +129,15 @@ impl Image {
                     format!("name length {namelen} of entry {i}"),
                 ));
             }
+            if let Some(&(ps, pe, _, _)) = entries.last() {
+                if data[ps..pe] >= data[nameoff..end] {
+                    return Err(dir_corrupt(
+                        dir,
+                        start + (i * DIRENT_SIZE) as u64,
+                        format!("entry {i} is out of name order"),
+                    ));
+                }
+            }
             entries.push((nameoff, end, nid, file_type));
         }
         Ok(DirBlock { data, entries })
@@ -150,45 +159,64 @@ impl Image {
         })
     }
 
-    /// Call `f` for each entry of `dir` from `offset` on (0 is the start;
-    /// otherwise an entry's `next_offset`), until `f` returns false.
+    /// The entries of `dir` from `offset` (0 is the start; otherwise an
+    /// entry's `next_offset`) to the end of the directory block that holds
+    /// it: a bounded batch. Empty at the end of the directory.
     ///
     /// "." and ".." are included as stored; a directory that omits "." on
     /// disk gets one made up at the start, as the kernel does.
-    pub fn read_dir(
-        &self,
-        dir: &Inode,
-        offset: u64,
-        f: &mut dyn FnMut(&DirEntry) -> bool,
-    ) -> Result<()> {
+    pub fn read_dir_batch(&self, dir: &Inode, offset: u64) -> Result<Vec<DirEntry>> {
         let nblocks = self.check_dir(dir)?;
+        let mut out = Vec::new();
         if offset == 0 && dir.dot_omitted {
-            let dot = DirEntry {
+            out.push(DirEntry {
                 name: b".".to_vec(),
                 nid: dir.nid,
                 file_type: FileType::Directory,
                 next_offset: 1,
-            };
-            if !f(&dot) {
-                return Ok(());
-            }
+            });
+            return Ok(out);
         }
-        let mut pos = offset.saturating_sub(1);
         let bs = self.block_size();
+        let mut pos = offset.saturating_sub(1);
         while pos / bs < nblocks {
             let index = pos / bs;
             let blk = self.dir_block(dir, index)?;
             let first = ((pos % bs) as usize).div_ceil(DIRENT_SIZE);
             for i in first..blk.entries.len() {
                 let epos = index * bs + (i * DIRENT_SIZE) as u64;
-                let entry = self.make_entry(dir, &blk, i, epos)?;
-                if !f(&entry) {
+                out.push(self.make_entry(dir, &blk, i, epos)?);
+            }
+            if !out.is_empty() {
+                break;
+            }
+            // Resuming just past a block's last entry: go on to the next block.
+            pos = (index + 1) * bs;
+        }
+        Ok(out)
+    }
+
+    /// Call `f` for each entry of `dir` from `offset` on (0 is the start;
+    /// otherwise an entry's `next_offset`), until `f` returns false.
+    pub fn read_dir(
+        &self,
+        dir: &Inode,
+        offset: u64,
+        f: &mut dyn FnMut(&DirEntry) -> bool,
+    ) -> Result<()> {
+        let mut offset = offset;
+        loop {
+            let batch = self.read_dir_batch(dir, offset)?;
+            let Some(last) = batch.last() else {
+                return Ok(());
+            };
+            offset = last.next_offset;
+            for e in &batch {
+                if !f(e) {
                     return Ok(());
                 }
             }
-            pos = (index + 1) * bs;
         }
-        Ok(())
     }
 
     /// All entries of `dir`, "." and ".." left out.

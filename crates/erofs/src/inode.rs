@@ -241,6 +241,17 @@ impl Inode {
         }
     }
 
+    /// Where the on-disk inode is: its byte offset in the primary device, or
+    /// in the metabox's data when the first value is true.
+    pub fn location(&self) -> (bool, u64) {
+        (self.in_mbox, self.iloc)
+    }
+
+    /// Bytes of the inline xattr body after the inode.
+    pub fn xattr_body_size(&self) -> u64 {
+        self.xattr_isize
+    }
+
     /// Size of the on-disk inode (32 or 64 bytes).
     pub(crate) fn inode_isize(&self) -> u64 {
         if self.extended {

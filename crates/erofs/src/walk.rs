@@ -10,7 +10,7 @@ use crate::inode::Inode;
 /// The deepest directory nesting a walk follows (PATH_MAX allows ~2048).
 pub const DEPTH_MAX: usize = 2048;
 /// The most entries one walk visits.
-pub const ENTRIES_MAX: u64 = 1 << 26;
+pub const ENTRIES_MAX: u64 = 1 << 24;
 
 impl Image {
     /// Visit every inode reachable from the root, parents before children,
@@ -24,17 +24,40 @@ impl Image {
         let mut seen_dirs = HashSet::new();
         seen_dirs.insert(root.nid);
         f(b"/", &root)?;
-        // Each frame: a directory's path and its remaining entries, reversed
-        // so that pop() yields them in order.
-        let mut stack: Vec<(Vec<u8>, Vec<crate::DirEntry>)> = Vec::new();
-        let mut entries = self.entries(&root)?;
-        entries.reverse();
-        stack.push((Vec::new(), entries));
+        // Each frame: a directory's path, the directory, the offset to read
+        // on from, and the rest of the current batch (one directory block),
+        // reversed so that pop() yields entries in order. Memory stays
+        // bounded by depth times one block's entries.
+        struct Frame {
+            path: Vec<u8>,
+            dir: Inode,
+            next: u64,
+            batch: Vec<crate::DirEntry>,
+        }
+        let mut stack = vec![Frame {
+            path: Vec::new(),
+            dir: root,
+            next: 0,
+            batch: Vec::new(),
+        }];
         let mut visited: u64 = 1;
-        while let Some((dir_path, pending)) = stack.last_mut() {
-            let Some(entry) = pending.pop() else {
-                stack.pop();
-                continue;
+        while let Some(frame) = stack.last_mut() {
+            let entry = match frame.batch.pop() {
+                Some(e) => e,
+                None => {
+                    let mut batch = self.read_dir_batch(&frame.dir, frame.next)?;
+                    match batch.last() {
+                        None => {
+                            stack.pop();
+                            continue;
+                        }
+                        Some(last) => frame.next = last.next_offset,
+                    }
+                    batch.retain(|e| !e.is_dot_or_dotdot());
+                    batch.reverse();
+                    frame.batch = batch;
+                    continue;
+                }
             };
             visited += 1;
             if visited > ENTRIES_MAX {
@@ -42,7 +65,7 @@ impl Image {
                     "more than {ENTRIES_MAX} entries in the tree"
                 )));
             }
-            let mut path = dir_path.clone();
+            let mut path = frame.path.clone();
             path.push(b'/');
             path.extend_from_slice(&entry.name);
             let inode = self.inode(entry.nid)?;
@@ -63,9 +86,12 @@ impl Image {
                         format!("directories nested deeper than {DEPTH_MAX}"),
                     ));
                 }
-                let mut children = self.entries(&inode)?;
-                children.reverse();
-                stack.push((path, children));
+                stack.push(Frame {
+                    path,
+                    dir: inode,
+                    next: 0,
+                    batch: Vec::new(),
+                });
             }
         }
         Ok(())
