@@ -10,7 +10,7 @@ pub struct MountArgs {
     #[arg(short = 'f', long = "foreground")]
     pub foreground: bool,
     /// Mount options, comma-separated: allow_other, suid, dev, noacl,
-    /// fsname=NAME, threads=N, readahead_kb=N (ro, nosuid, nodev and
+    /// lowmem, fsname=NAME, threads=N, readahead_kb=N (ro, nosuid, nodev and
     /// default_permissions are implied).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,

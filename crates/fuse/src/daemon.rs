@@ -86,6 +86,8 @@ pub struct ServeOptions {
     pub session: SessionConfig,
     /// Readahead in KiB to ask for (root only).
     pub readahead_kib: u32,
+    /// No readahead on the image file (less page cache, slower cold reads).
+    pub low_memory: bool,
 }
 
 /// Parse `-o` options. Unknown options are refused rather than ignored.
@@ -97,6 +99,7 @@ pub fn parse_options(options: &[String], image: &Path) -> Result<ServeOptions, M
         },
         session: SessionConfig::default(),
         readahead_kib: 1024,
+        low_memory: false,
     };
     for opt in options.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
         let (key, value) = match opt.split_once('=') {
@@ -109,6 +112,7 @@ pub fn parse_options(options: &[String], image: &Path) -> Result<ServeOptions, M
             ("suid", None) => out.mount.suid = true,
             ("dev", None) => out.mount.dev = true,
             ("noacl", None) => out.session.posix_acl = false,
+            ("lowmem", None) => out.low_memory = true,
             ("fsname", Some(v)) => out.mount.fsname = v.to_owned(),
             ("threads", Some(v)) => {
                 out.session.threads = v
@@ -196,7 +200,7 @@ fn setup(
     sys::block_termination_signals()
         .map_err(|e| MountError::usage(format!("cannot block signals: {e}")))?;
     let devices: Vec<&Path> = req.devices.iter().map(PathBuf::as_path).collect();
-    let fs = ErofsFs::open(&req.image, &devices).map_err(|e| match e {
+    let fs = ErofsFs::open(&req.image, &devices, opts.low_memory).map_err(|e| match e {
         OpenError::Io(..) => MountError::usage(e.to_string()),
         OpenError::Image(ref inner) => {
             let code = if matches!(inner, erofs::Error::Io { .. }) {

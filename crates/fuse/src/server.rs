@@ -360,10 +360,12 @@ impl Worker {
             }
             // Let the kernel skip these from now on (NO_OPEN(DIR)_SUPPORT).
             opcode::OPEN | opcode::OPENDIR => return Err(FsError::errno(libc::ENOSYS)),
-            opcode::RELEASE | opcode::RELEASEDIR | opcode::FLUSH => {
-                reply_err(&self.dev, h.unique, 0)
+            opcode::RELEASE | opcode::RELEASEDIR => reply_err(&self.dev, h.unique, 0),
+            // ENOSYS makes the kernel stop sending them: a FLUSH on every
+            // close() would cost a round trip per file read.
+            opcode::FLUSH | opcode::FSYNC | opcode::FSYNCDIR => {
+                return Err(FsError::errno(libc::ENOSYS))
             }
-            opcode::FSYNC | opcode::FSYNCDIR => reply_err(&self.dev, h.unique, 0),
             opcode::READ => {
                 let ino = self.ino_of(h.nodeid)?;
                 let _fh = c.u64().map_err(bad)?;

@@ -159,6 +159,12 @@ pub fn fadvise_dontneed(file: BorrowedFd<'_>, offset: u64, len: u64) -> io::Resu
     rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::DontNeed).map_err(to_io)
 }
 
+/// Tell the kernel that `file` is read at random: no readahead, so only the
+/// pages asked for enter the page cache.
+pub fn fadvise_random(file: BorrowedFd<'_>) -> io::Result<()> {
+    rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Random).map_err(to_io)
+}
+
 /// The real user and group ids of this process.
 pub fn real_ids() -> (u32, u32) {
     (

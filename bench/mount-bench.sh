@@ -1,0 +1,131 @@
+#!/bin/bash
+# Mount benchmark: the kernel's EROFS driver against immount (and erofsfuse,
+# squashfuse_ll when installed), on one image of a real Debian root tree.
+#
+# usage (root): bench/mount-bench.sh [none|lz4hc]
+#   env RUNS=5          runs per driver (median reported), drivers interleaved
+#   env IMMOUNT=PATH    the immount binary (default: target/release/immount,
+#                       else target/release/immount-fuse, which is the same code)
+#   env WORK=DIR        scratch directory (default /tmp/immount-bench)
+#
+# For each driver it prints: time to mount, cold and warm stat walk of the
+# whole tree, cold and warm read of every file (tar to a pipe), peak RSS of
+# the server process, and the page cache grown by one cold read of
+# everything; then each figure's ratio to the kernel's in the same run.
+# Cold means: page cache dropped and a fresh mount.
+#
+# Needs: erofs-utils (mkfs.erofs), squashfs-tools + squashfuse (optional),
+# debootstrap (through shared/bench/make-rootfs.sh), python3.
+set -euo pipefail
+
+COMP=${1:-lz4hc}
+RUNS=${RUNS:-5}
+WORK=${WORK:-/tmp/immount-bench}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+SHARED=${SHARED:-$HERE/../shared}
+[ -d "$SHARED/bench" ] || SHARED=/work/shared
+
+if [ -z "${IMMOUNT:-}" ]; then
+    for cand in "$HERE/target/release/immount" "${CARGO_TARGET_DIR:-$HERE/target}/release/immount" \
+                "${CARGO_TARGET_DIR:-$HERE/target}/release/immount-fuse"; do
+        if [ -x "$cand" ] && "$cand" mount --help >/dev/null 2>&1; then IMMOUNT=$cand; break; fi
+    done
+fi
+[ -n "${IMMOUNT:-}" ] || { echo "build immount first (cargo build --release) or set IMMOUNT" >&2; exit 2; }
+
+mkdir -p "$WORK"
+ROOTFS=$WORK/rootfs
+"$SHARED/bench/make-rootfs.sh" "$ROOTFS"
+
+IMG=$WORK/rootfs-$COMP.erofs
+if [ ! -e "$IMG" ]; then
+    case $COMP in
+        none) mkfs.erofs --quiet "$IMG" "$ROOTFS/" ;;
+        lz4hc) mkfs.erofs --quiet -zlz4hc -C65536 "$IMG" "$ROOTFS/" ;;
+        *) echo "compression must be none or lz4hc" >&2; exit 2 ;;
+    esac
+fi
+SQ=$WORK/rootfs-$COMP.squashfs
+if command -v squashfuse_ll >/dev/null && command -v mksquashfs >/dev/null && [ ! -e "$SQ" ]; then
+    if [ "$COMP" = none ]; then
+        mksquashfs "$ROOTFS/" "$SQ" -noI -noD -noF -noX -quiet -no-progress >/dev/null
+    else
+        mksquashfs "$ROOTFS/" "$SQ" -comp lz4 -Xhc -b 65536 -quiet -no-progress >/dev/null
+    fi
+fi
+
+DRIVERS="kernel immount"
+command -v erofsfuse >/dev/null && DRIVERS="$DRIVERS erofsfuse"
+[ -e "$SQ" ] && DRIVERS="$DRIVERS squashfuse_ll"
+
+MP=$WORK/mnt
+mkdir -p "$MP"
+RESULTS=$WORK/results-$COMP.txt
+: > "$RESULTS"
+
+now() { date +%s.%N; }
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+cached_kib() { awk '/^Cached:/ {print $2}' /proc/meminfo; }
+
+do_mount() {
+    case $1 in
+        kernel) mount -t erofs -o ro,loop "$IMG" "$MP" ;;
+        immount) "$IMMOUNT" mount "$IMG" "$MP" ;;
+        erofsfuse) erofsfuse "$IMG" "$MP" >/dev/null 2>&1 ;;
+        squashfuse_ll) squashfuse_ll "$SQ" "$MP" ;;
+    esac
+}
+do_umount() { umount "$MP" 2>/dev/null || umount -l "$MP"; sleep 0.2; }
+server_pid() { pgrep -n -f -- " $MP\$" || true; }
+stat_walk() { find "$MP" -printf '%s %m\n' >/dev/null; }
+read_all() { tar -C "$MP" -cf - . 2>/dev/null | cat >/dev/null; }
+timed() { local t0 t1; t0=$(now); "$@"; t1=$(now); awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }'; }
+
+trap 'mountpoint -q "$MP" && umount -l "$MP"' EXIT
+
+for run in $(seq "$RUNS"); do
+    for d in $DRIVERS; do
+        # Mount and stat walks on a cold cache.
+        drop_caches
+        t_mount=$(timed do_mount "$d")
+        t_cold_stat=$(timed stat_walk)
+        t_warm_stat=$(timed stat_walk)
+        do_umount
+        # Reads on a fresh mount and cold cache.
+        drop_caches
+        do_mount "$d"
+        before=$(cached_kib)
+        t_cold_read=$(timed read_all)
+        after=$(cached_kib)
+        t_warm_read=$(timed read_all)
+        pid=$(server_pid)
+        rss=0
+        if [ "$d" != kernel ] && [ -n "$pid" ]; then
+            rss=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+        fi
+        do_umount
+        growth=$(( (after - before) / 1024 ))
+        echo "$d $t_mount $t_cold_stat $t_warm_stat $t_cold_read $t_warm_read $((rss / 1024)) $growth" >> "$RESULTS"
+        echo "run $run $d: mount $t_mount s, stat cold $t_cold_stat warm $t_warm_stat, read cold $t_cold_read warm $t_warm_read, rss ${rss} KiB, cache +${growth} MiB" >&2
+    done
+done
+
+python3 - "$RESULTS" "$COMP" "$(du -sbL "$ROOTFS/" 2>/dev/null | tail -n1 | cut -f1)" <<'EOF'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    f = line.split()
+    rows.setdefault(f[0], []).append([float(x) for x in f[1:]])
+names = ["mount s", "stat cold s", "stat warm s", "read cold s", "read warm s", "server RSS MiB", "cache growth MiB"]
+med = {d: [statistics.median(c) for c in zip(*v)] for d, v in rows.items()}
+k = med["kernel"]
+print(f"image: {sys.argv[2]}, tree {int(sys.argv[3]) / 1e6:.0f} MB, median of {len(rows['kernel'])} runs")
+print("| driver | " + " | ".join(names) + " |")
+print("|---" * (len(names) + 1) + "|")
+for d, m in med.items():
+    cells = []
+    for i, v in enumerate(m):
+        ratio = "" if d == "kernel" or k[i] == 0 else f" ({v / k[i]:.2f}x)"
+        cells.append(f"{v:.3f}{ratio}" if i < 5 else f"{v:.0f}{ratio if i == 6 else ''}")
+    print(f"| {d} | " + " | ".join(cells) + " |")
+EOF
