@@ -3,7 +3,7 @@
 use crate::{Error, Result};
 
 /// Lowercase hex of `bytes`.
-pub(crate) fn encode(bytes: &[u8]) -> String {
+pub fn encode(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len().saturating_mul(2));
     for &b in bytes {
@@ -14,7 +14,7 @@ pub(crate) fn encode(bytes: &[u8]) -> String {
 }
 
 /// Bytes from hex (either case); `what` names the value in the error.
-pub(crate) fn decode(text: &str, what: &str) -> Result<Vec<u8>> {
+pub fn decode(text: &str, what: &str) -> Result<Vec<u8>> {
     let text = text.trim();
     if !text.len().is_multiple_of(2) {
         return Err(Error::invalid(format!(

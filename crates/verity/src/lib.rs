@@ -28,7 +28,7 @@
 
 mod error;
 pub mod geometry;
-mod hex;
+pub mod hex;
 pub mod policy;
 pub mod reader;
 mod root_hash;
