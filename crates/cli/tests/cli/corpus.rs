@@ -19,6 +19,24 @@ const UNCOMPRESSED: &[&str] = &[
     "tar-index",
 ];
 
+/// Every compressed layout and algorithm of the corpus.
+const COMPRESSED: &[&str] = &[
+    "lz4",
+    "lz4hc-big",
+    "lzma",
+    "deflate",
+    "zstd",
+    "ztail",
+    "fragments",
+    "allfrag",
+    "dedupe",
+    "legacy",
+    "multialg",
+    "48bit-lz4hc",
+    "metabox",
+    "zdir",
+];
+
 fn check(name: &str) {
     let ours = our_manifest(name);
     let kernel = kernel_manifest(name);
@@ -34,6 +52,33 @@ fn uncompressed_images_match_the_kernel() {
     for name in UNCOMPRESSED {
         check(name);
     }
+}
+
+#[test]
+fn compressed_images_match_the_kernel() {
+    for name in COMPRESSED {
+        check(name);
+    }
+}
+
+#[test]
+fn every_corpus_image_is_covered() {
+    // A new image in the corpus must be added to one of the lists above.
+    let mut names: Vec<String> = std::fs::read_dir(corpus())
+        .unwrap()
+        .filter_map(|e| {
+            let n = e.unwrap().file_name().into_string().unwrap();
+            n.strip_suffix(".erofs").map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    let mut ours: Vec<String> = UNCOMPRESSED
+        .iter()
+        .chain(COMPRESSED)
+        .map(|s| s.to_string())
+        .collect();
+    ours.sort();
+    assert_eq!(names, ours);
 }
 
 #[test]

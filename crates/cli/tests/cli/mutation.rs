@@ -203,6 +203,20 @@ const IMAGES: &[(&str, u64)] = &[
     ("dotomit", 200),
     ("blobdev", 200),
     ("tar-index", 150),
+    ("lz4", 120),
+    ("lz4hc-big", 100),
+    ("lzma", 80),
+    ("deflate", 100),
+    ("zstd", 100),
+    ("ztail", 100),
+    ("fragments", 100),
+    ("allfrag", 60),
+    ("dedupe", 100),
+    ("legacy", 100),
+    ("multialg", 80),
+    ("48bit-lz4hc", 100),
+    ("metabox", 100),
+    ("zdir", 100),
 ];
 
 #[test]
