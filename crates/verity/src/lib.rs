@@ -44,6 +44,6 @@ pub use root_hash::RootHash;
 pub use signature::{sign_root_hash, verify_root_hash_signature, TrustStore, TrustedSigner};
 pub use superblock::Superblock;
 pub use tree::{
-    compute_tree, format_image, geometry_from_superblock, verify_image, FormatOptions,
-    FormatReport, HashTree,
+    compute_tree, compute_tree_with_threads, format_image, geometry_from_superblock, verify_image,
+    FormatOptions, FormatReport, HashTree,
 };

@@ -82,6 +82,7 @@ fn hash_level(
     count: u64,
     params: &VerityParams,
     bits: u32,
+    threads: usize,
 ) -> Result<Vec<u8>> {
     let hbs = params.hash_block_size as usize;
     let per = 1u64 << bits;
@@ -91,10 +92,7 @@ fn hash_level(
         .checked_mul(hbs)
         .ok_or_else(|| Error::invalid("hash level does not fit in memory"))?;
     let mut out = vec![0u8; out_len];
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(out_blocks)
-        .max(1);
+    let threads = threads.min(out_blocks).max(1);
     let per_thread = out_blocks.div_ceil(threads);
     let results: Vec<Result<()>> = std::thread::scope(|scope| {
         let handles: Vec<_> = out
@@ -154,9 +152,24 @@ fn hash_range(
     Ok(())
 }
 
+/// Number of hashing threads: one per core.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Compute the whole tree of `data` for `geometry` (the data source must
-/// hold at least the geometry's data area).
+/// hold at least the geometry's data area), hashing on every core.
 pub fn compute_tree(data: &dyn ReadAt, geometry: Geometry, uuid: [u8; 16]) -> Result<HashTree> {
+    compute_tree_with_threads(data, geometry, uuid, default_threads())
+}
+
+/// [`compute_tree`] with a given number of hashing threads (for benchmarks).
+pub fn compute_tree_with_threads(
+    data: &dyn ReadAt,
+    geometry: Geometry,
+    uuid: [u8; 16],
+    threads: usize,
+) -> Result<HashTree> {
     let params = geometry.params().clone();
     let bits = geometry.bits();
     let hbs = params.hash_block_size as usize;
@@ -169,8 +182,16 @@ pub fn compute_tree(data: &dyn ReadAt, geometry: Geometry, uuid: [u8; 16]) -> Re
                 params.data_blocks,
                 &params,
                 bits,
+                threads,
             )?,
-            Some(below) => hash_level(below, hbs, (below.len() / hbs) as u64, &params, bits)?,
+            Some(below) => hash_level(
+                below,
+                hbs,
+                (below.len() / hbs) as u64,
+                &params,
+                bits,
+                threads,
+            )?,
         };
         debug_assert_eq!(bytes.len() as u64, level.blocks * hbs as u64, "level {i}");
         levels.push(bytes);
@@ -299,6 +320,7 @@ pub fn verify_image(
         params.data_blocks,
         params,
         geometry.bits(),
+        default_threads(),
     )?;
     if computed != *level0 {
         let first = computed

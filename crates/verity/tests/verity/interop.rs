@@ -262,7 +262,7 @@ fn our_trees_are_byte_identical_to_veritysetup() {
 fn one_block_image_matches_veritysetup() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("one");
-    std::fs::write(&img, corpus_bytes("plain.erofs")[..4096].to_vec()).unwrap();
+    std::fs::write(&img, &corpus_bytes("plain.erofs")[..4096]).unwrap();
     let hash = dir.path().join("one.hash");
     let out = run_ok("veritysetup", &["format", path_str(&img), path_str(&hash)]);
     let root: RootHash = field(&out, "Root hash").parse().unwrap();
