@@ -159,10 +159,6 @@ pub enum SandboxError {
         #[source]
         source: io::Error,
     },
-    /// Root could not make the network, IPC and mount namespaces, nor a user
-    /// namespace to make them in.
-    #[error("making namespaces: {0}")]
-    Namespaces(#[source] io::Error),
     /// Mapping our ids in a new user namespace failed.
     #[error("mapping ids in the user namespace: {0}")]
     UserNamespace(#[source] io::Error),
@@ -314,6 +310,28 @@ impl SandboxReport {
             },
             seccomp: None,
         }
+    }
+}
+
+impl SandboxReport {
+    /// One line for the server's log: what confinement is in force.
+    pub fn one_line(&self) -> String {
+        if !self.enabled {
+            return "sandbox DISABLED: the server is not confined".to_owned();
+        }
+        let yes = |s: &Step| matches!(s, Step::Done);
+        format!(
+            "sandbox: uid {} gid {}, fds {:?}, netns {}, empty root {}, caps none, no_new_privs, landlock {}, seccomp {} syscalls",
+            self.uid,
+            self.gid,
+            self.kept_fds,
+            if yes(&self.net_namespace) { "yes" } else { "no" },
+            if yes(&self.mount_namespace) { "yes" } else { "no" },
+            self.landlock
+                .abi
+                .map_or_else(|| "unsupported".to_owned(), |abi| format!("ABI {abi}")),
+            self.seccomp.as_ref().map_or(0, |s| s.syscalls),
+        )
     }
 }
 

@@ -70,6 +70,7 @@ fn main() -> ExitCode {
             "a_running_fuse_server_is_confined_and_serves",
             fuse_server_serves,
         ),
+        ("supervisor_keeps_only_cap_sys_admin", supervisor_prepared),
         (
             "supervisor_explains_and_unmounts_a_killed_server",
             fuse_server_killed,
@@ -568,6 +569,25 @@ fn spawn_tracer(pid: u32) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `prepare_supervisor` leaves a root supervisor with only the standard
+/// streams and `CAP_SYS_ADMIN` (to unmount), and no core dumps.
+fn supervisor_prepared() -> TestResult {
+    let s = spawn("supervisor", false)?;
+    let (status, out, err) = s.finish()?;
+    ensure(status.success(), || {
+        format!("child: {status}; {out}; {err}")
+    })?;
+    let cap_sys_admin = format!("{:016x}", rustix::thread::CapabilitySet::SYS_ADMIN.bits());
+    ensure(out.contains(&format!("CapEff:\t{cap_sys_admin}")), || {
+        format!("stdout: {out}")
+    })?;
+    ensure(out.contains(&format!("CapPrm:\t{cap_sys_admin}")), || {
+        format!("stdout: {out}")
+    })?;
+    ensure(out.contains("fds=0,1,2,"), || format!("stdout: {out}"))?;
+    ensure(out.contains("core=0"), || format!("stdout: {out}"))
+}
+
 /// A temporary mountpoint that is unmounted and removed however the test
 /// ends.
 struct MountDir {
@@ -590,6 +610,17 @@ impl Drop for MountDir {
         }
         let _ = std::fs::remove_dir(&self.path);
     }
+}
+
+/// Unmounts `path` after `secs` seconds from a thread of its own, so that a
+/// server that should have died or ended but goes on serving makes its test
+/// fail instead of hang (unmounting ends a FUSE server).
+fn watchdog(path: &Path, secs: u64) {
+    let path = path.to_owned();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        let _ = rustix::mount::unmount(&path, rustix::mount::UnmountFlags::DETACH);
+    });
 }
 
 /// Whether `path` is a mountpoint in our mount namespace.
@@ -616,6 +647,7 @@ fn fuse_server_serves() -> TestResult {
     let again = std::fs::read_to_string(mnt.path.join("hello"));
     let missing = std::fs::metadata(mnt.path.join("missing"));
     let unmounted = rustix::mount::unmount(&mnt.path, rustix::mount::UnmountFlags::empty());
+    watchdog(&mnt.path, 20);
     let status = sandbox::supervise(s.pid(), |_| {}).map_err(|e| e.to_string())?;
     let mut out = String::new();
     let _ = s.stdout.read_to_string(&mut out);
@@ -648,6 +680,7 @@ fn fuse_server_killed() -> TestResult {
     s.read_until("applied")?;
     let hello = std::fs::read(mnt.path.join("hello"));
     let crash = std::fs::metadata(mnt.path.join("crash"));
+    watchdog(&mnt.path, 20);
     let mut mounted_at_exit = false;
     let mut cleanup = Ok(());
     let status = sandbox::supervise(s.pid(), |_| {
@@ -699,6 +732,30 @@ mod child {
     pub fn run(scenario: &str) -> ExitCode {
         if let Some(mnt) = scenario.strip_prefix("fuse_server:") {
             return fuse_server(Path::new(mnt));
+        }
+        if scenario == "supervisor" {
+            if let Err(e) = sandbox::prepare_supervisor(&[0, 1, 2]) {
+                eprintln!("prepare_supervisor: {e}");
+                return ExitCode::from(2);
+            }
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            for line in status.lines().filter(|l| l.starts_with("Cap")) {
+                say(line);
+            }
+            // Listing /proc/self/fd opens one more descriptor (the listing).
+            let mut fds: Vec<u32> = std::fs::read_dir("/proc/self/fd")
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            fds.sort_unstable();
+            let fds: Vec<String> = fds.iter().map(u32::to_string).collect();
+            say(&format!("fds={},", fds.join(",")));
+            let core = rustix::process::getrlimit(rustix::process::Resource::Core);
+            say(&format!("core={}", core.current.unwrap_or(u64::MAX)));
+            return ExitCode::SUCCESS;
         }
         if let Some(pid) = scenario.strip_prefix("tracer:") {
             // Not confined: an ordinary process of uid nobody.
