@@ -34,14 +34,9 @@ pub struct Sidecars {
 /// The path systemd gives the sidecar with `suffix` of `image`.
 pub fn sidecar_path(image: &Path, suffix: &str) -> PathBuf {
     let mut name = image.as_os_str().to_os_string();
-    let bytes = name.as_encoded_bytes();
-    if let Some(stem) = bytes.strip_suffix(b".raw") {
-        // Cut at an ASCII boundary, so the prefix is still a valid OsStr.
-        let stem_len = stem.len();
-        let text = name.to_string_lossy().into_owned();
-        if text.len() == bytes.len() {
-            name = text[..stem_len].into();
-        }
+    // systemd replaces a ".raw" suffix; other names get the suffix appended.
+    if let Some(stem) = image.to_str().and_then(|s| s.strip_suffix(".raw")) {
+        name = stem.into();
     }
     name.push(suffix);
     PathBuf::from(name)

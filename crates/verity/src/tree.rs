@@ -396,10 +396,11 @@ fn same_file(a: &File, b: &Path) -> bool {
     }
 }
 
-/// Compute the tree of `image` and write it to `hash_file` (created or
-/// truncated) or, when that is `None`, append it to the image at
-/// `hash_offset` (default: the image size rounded up to 4096 bytes or the
-/// hash block size). Nothing else is written.
+/// Compute the tree of `image` and write it to `hash_file` or, when that is
+/// `None` (or the image itself), append it to the image at `hash_offset`
+/// (default: the image size rounded up to 4096 bytes or the hash block
+/// size). A separate hash file is created, and truncated unless a
+/// `hash_offset` places the tree inside it. Nothing else is written.
 pub fn format_image(
     image: &Path,
     hash_file: Option<&Path>,
@@ -407,6 +408,21 @@ pub fn format_image(
     opts: &FormatOptions,
 ) -> Result<FormatReport> {
     let show = image.display();
+    let probe = File::open(image).map_err(|e| Error::io(format!("opening {show}"), e))?;
+    // The image named as its own hash file means appending to it.
+    let hash_file = match hash_file {
+        Some(path) if same_file(&probe, path) => {
+            if hash_offset.is_none() {
+                return Err(Error::invalid(format!(
+                    "hash file {} is the image itself: give --hash-offset or leave it out to append",
+                    path.display()
+                )));
+            }
+            None
+        }
+        other => other,
+    };
+    drop(probe);
     let data = OpenOptions::new()
         .read(true)
         .write(hash_file.is_none())
@@ -468,16 +484,10 @@ pub fn format_image(
     let tree = compute_tree(&data, geometry, uuid)?;
     match hash_file {
         Some(path) => {
-            if same_file(&data, path) {
-                return Err(Error::invalid(format!(
-                    "hash file {} is the image itself; leave out the hash file to append",
-                    path.display()
-                )));
-            }
             let out = OpenOptions::new()
                 .write(true)
                 .create(true)
-                .truncate(true)
+                .truncate(hash_offset.is_none())
                 .open(path)
                 .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
             tree.write_to(&out)?;

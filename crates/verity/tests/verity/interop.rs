@@ -275,3 +275,33 @@ fn one_block_image_matches_veritysetup() {
     reader.read_exact_at(&mut block, 0).unwrap();
     assert_eq!(block, corpus_bytes("plain.erofs")[..4096]);
 }
+
+#[test]
+fn hash_file_with_offset_keeps_what_precedes_the_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = copy_image("plain.erofs", dir.path());
+    let hash = dir.path().join("shared.bin");
+    std::fs::write(&hash, [0xab; 8192]).unwrap();
+    let report = format_image(&img, Some(&hash), Some(8192), &FormatOptions::default()).unwrap();
+    assert_eq!(std::fs::read(&hash).unwrap()[..8192], [0xab; 8192]);
+    run_ok(
+        "veritysetup",
+        &[
+            "verify",
+            "--hash-offset",
+            "8192",
+            path_str(&img),
+            path_str(&hash),
+            &report.root_hash.to_hex(),
+        ],
+    );
+    // The image as its own hash file: only with an offset past the data.
+    let err = format_image(&img, Some(&img), None, &FormatOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("image itself"), "{err}");
+    let err = format_image(&img, Some(&img), Some(4096), &FormatOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("overlaps"), "{err}");
+    assert!(
+        std::fs::read(&img).unwrap() == corpus_bytes("plain.erofs"),
+        "image modified"
+    );
+}
