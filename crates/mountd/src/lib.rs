@@ -1,0 +1,2 @@
+//! immountd: the delegation daemon of immount (placeholder while it lands).
+#![forbid(unsafe_code)]
