@@ -1,0 +1,4 @@
+//! immountd (placeholder).
+#![forbid(unsafe_code)]
+
+fn main() {}
