@@ -7,6 +7,15 @@
 //! cloning needs to open `/dev/fuse`, impossible afterwards — the image and
 //! device fds, the log pipe), and before it serves.
 //!
+//! `/dev/fuse` clones: `FUSE_DEV_IOC_CLONE` works on a freshly opened
+//! `/dev/fuse`, and opening anything is forbidden once confined. Open (and
+//! if convenient clone) one `/dev/fuse` per worker before `apply` and keep
+//! them all; the ioctl itself stays allowed, so a descriptor opened before
+//! `apply` can still be attached to the session afterwards.
+//!
+//! After `apply` the server cannot unmount its own mount (no privilege, no
+//! `umount2`): if it must clean up, a parent does it — see [`supervise`].
+//!
 //! # Threads
 //!
 //! `apply` must run while the process is single-threaded, and refuses
