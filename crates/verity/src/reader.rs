@@ -1,11 +1,14 @@
 //! [`VerifiedReader`]: positional reads that only ever return bytes whose
 //! hashes chain up to the trusted root hash.
 //!
-//! Every read hashes each data block it touches, every time: the bytes
-//! handed out are the bytes that were hashed, so changing the image after it
-//! was opened cannot slip anything past. Hash blocks are verified once (up
-//! the tree to the root) and kept in a bounded cache of verified copies; the
-//! cache never holds bytes that did not verify.
+//! Every read hashes each data block it reads from the image: the bytes
+//! handed out are the bytes that were hashed (or a kept copy of them), so
+//! changing the image after it was opened cannot slip anything past. Hash
+//! blocks are verified once (up the tree to the root) and kept in a bounded
+//! cache of verified copies. Reads smaller than a block (the parser's
+//! metadata reads) go through a second small cache of verified data blocks,
+//! so reading an inode after its neighbour does not hash the block again.
+//! Neither cache ever holds bytes that did not verify.
 
 use std::collections::HashMap;
 use std::io;
@@ -22,6 +25,9 @@ use crate::{Error, Result};
 /// Default memory for verified hash blocks: 16 MiB, which covers 2 GiB of
 /// data at level 0 with 4 KiB blocks before anything must be re-verified.
 pub const DEFAULT_CACHE_BYTES: usize = 16 << 20;
+
+/// Memory for verified data blocks that served partial-block reads.
+pub const DATA_CACHE_BYTES: usize = 1 << 20;
 
 /// A verified hash block and when it was last used.
 #[derive(Debug)]
@@ -102,6 +108,8 @@ pub struct VerifiedReader<R, H = R> {
     geometry: Geometry,
     root: RootHash,
     cache: HashCache,
+    /// Verified data blocks, keyed by (0, index).
+    data_cache: HashCache,
 }
 
 impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
@@ -123,12 +131,14 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
     ) -> Result<Self> {
         check_sizes(Some(&data), &hash, &geometry)?;
         let capacity = cache_bytes / geometry.params().hash_block_size as usize;
+        let data_capacity = DATA_CACHE_BYTES / geometry.params().data_block_size as usize;
         let reader = VerifiedReader {
             data,
             hash,
             geometry,
             root,
             cache: HashCache::new(capacity),
+            data_cache: HashCache::new(data_capacity),
         };
         match reader.geometry.levels().len() {
             0 => {
@@ -198,6 +208,20 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
         Ok(bytes)
     }
 
+    /// The verified data block `index`, from the data cache or read, checked
+    /// and kept.
+    fn verified_data_block(&self, index: u64) -> io::Result<Arc<[u8]>> {
+        if let Some(bytes) = self.data_cache.get((0, index)) {
+            return Ok(bytes);
+        }
+        let dbs = self.geometry.params().data_block_size;
+        let mut block = vec![0u8; dbs as usize];
+        self.read_verified(&mut block, index * u64::from(dbs))?;
+        let block: Arc<[u8]> = block.into();
+        self.data_cache.insert((0, index), Arc::clone(&block));
+        Ok(block)
+    }
+
     /// Fill `buf`, whose length is a multiple of the data block size, from
     /// the block-aligned `offset`, and check every block.
     fn read_verified(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -253,6 +277,13 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
         let stop = end.next_multiple_of(dbs); // <= size, a multiple of dbs
         if start == offset && stop == end {
             return self.read_verified(buf, offset);
+        }
+        if stop - start == dbs {
+            // Part of one block: serve it from a kept verified copy.
+            let block = self.verified_data_block(start / dbs)?;
+            let skip = (offset - start) as usize;
+            buf.copy_from_slice(&block[skip..skip + buf.len()]);
+            return Ok(());
         }
         // Unaligned: read whole blocks aside, copy out only if all verify.
         let len = usize::try_from(stop - start).map_err(io::Error::other)?;
