@@ -140,8 +140,15 @@ impl Pki {
 
     /// `openssl smime -sign` over the root hash text.
     fn smime_sign(&self, signer: &Signer, noattr: bool) -> Vec<u8> {
+        self.smime_sign_md(signer, noattr, "sha256")
+    }
+
+    /// `openssl smime -sign` with the digest algorithm `md`.
+    fn smime_sign_md(&self, signer: &Signer, noattr: bool, md: &str) -> Vec<u8> {
         let out = self.path("sig.p7s");
-        let mut args = vec!["smime", "-sign", "-nocerts", "-binary", "-outform", "der"];
+        let mut args = vec![
+            "smime", "-sign", "-nocerts", "-binary", "-outform", "der", "-md", md,
+        ];
         if noattr {
             args.push("-noattr");
         }
@@ -195,6 +202,23 @@ fn openssl_signatures_from_trusted_certificates_are_accepted() {
             let sig = pki.smime_sign(&signer, noattr);
             let found = verify_root_hash_signature(&sig, &root(), &trust).unwrap();
             assert!(found.subject.contains(name), "{}", found.subject);
+        }
+    }
+}
+
+#[test]
+fn sha384_and_sha512_digests_are_accepted() {
+    let pki = Pki::new();
+    for (name, key) in [("r", "rsa:2048"), ("e", "ec:P-384")] {
+        let signer = pki.self_signed(name, key, &[]);
+        let trust = pki.trust(&format!("trust-{name}"), &[&signer.cert]);
+        for md in ["sha384", "sha512"] {
+            for noattr in [true, false] {
+                let sig = pki.smime_sign_md(&signer, noattr, md);
+                verify_root_hash_signature(&sig, &root(), &trust).unwrap();
+                let other: RootHash = ROOT.replace('e', "d").parse().unwrap();
+                assert!(verify_root_hash_signature(&sig, &other, &trust).is_err());
+            }
         }
     }
 }
