@@ -6,6 +6,7 @@
 
 mod common;
 mod interop;
+mod parser;
 mod policy;
 mod signature;
 mod tamper;
