@@ -9,9 +9,11 @@ use verity::{format_image, open_image, FormatOptions, VerityOptions};
 
 use crate::common::copy_image;
 
-/// Every path of the image with its file contents (or the error text), or
-/// the error that stopped the walk.
-fn contents(reader: Arc<dyn ReadAt>) -> Result<BTreeMap<Vec<u8>, Result<Vec<u8>, String>>, String> {
+/// Every path of the image with its file contents (or the error text).
+type Contents = BTreeMap<Vec<u8>, Result<Vec<u8>, String>>;
+
+/// The [`Contents`] of an image, or the error that stopped the walk.
+fn contents(reader: Arc<dyn ReadAt>) -> Result<Contents, String> {
     let image = Image::open(reader).map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
     image
