@@ -258,4 +258,53 @@ mod tests {
         assert!(Geometry::new(params(u64::MAX), 0, true).is_err());
         assert!(Geometry::new(params(10), 100, true).is_err());
     }
+
+    /// Arbitrary sizes and offsets give a layout or an error, never a panic,
+    /// and every layout's levels fit inside its hash area in order.
+    #[test]
+    fn arbitrary_parameters_never_panic() {
+        let mut x = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let sizes = [0, 1, 511, 512, 4096, 65536, 1 << 19, 1 << 20, u32::MAX];
+        for _ in 0..20_000 {
+            let r = next();
+            let pick = |v: u64| sizes[(v % sizes.len() as u64) as usize];
+            let data_blocks = match r % 4 {
+                0 => next(),
+                1 => next() % 1_000_000,
+                2 => u64::MAX - next() % 4,
+                _ => 1 + next() % 3,
+            };
+            let params = VerityParams {
+                data_block_size: if r & 16 == 0 {
+                    pick(next())
+                } else {
+                    next() as u32
+                },
+                hash_block_size: pick(next()),
+                data_blocks,
+                salt: vec![0; (next() % 300) as usize],
+            };
+            let offset = if r & 32 == 0 {
+                next()
+            } else {
+                (next() % 64) * 4096
+            };
+            if let Ok(g) = Geometry::new(params, offset, r & 64 == 0) {
+                let mut end = g.hash_end();
+                for level in g.levels() {
+                    assert!(level.offset >= g.hash_offset());
+                    assert!(
+                        level.offset + level.blocks * u64::from(g.params().hash_block_size) <= end
+                    );
+                    end = level.offset;
+                }
+            }
+        }
+    }
 }

@@ -184,4 +184,26 @@ mod tests {
         zero_blocks[72..80].fill(0);
         assert!(Superblock::parse(&zero_blocks).is_err());
     }
+
+    /// Random bytes behind a valid signature parse or fail, never panic.
+    #[test]
+    fn random_superblocks_never_panic() {
+        let mut x = 0x0dd_ba11_cafe_f00du64;
+        let good = sample().to_bytes().unwrap();
+        for round in 0..5_000 {
+            let mut raw = good;
+            // Randomise a few fields, keeping the signature most of the time.
+            for _ in 0..(1 + round % 8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (x % SUPERBLOCK_SIZE as u64) as usize;
+                raw[at] = (x >> 32) as u8;
+            }
+            if let Ok(sb) = Superblock::parse(&raw) {
+                assert!(sb.params.validate().is_ok());
+                let _ = crate::Geometry::new(sb.params, 0, true);
+            }
+        }
+    }
 }
