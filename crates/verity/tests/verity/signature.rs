@@ -223,6 +223,40 @@ fn sha384_and_sha512_digests_are_accepted() {
     }
 }
 
+/// `openssl cms` writes CMS rather than PKCS#7: digest identifiers without
+/// parameters, and with -keyid a signer named by subject key identifier.
+#[test]
+fn openssl_cms_signatures_are_accepted() {
+    let pki = Pki::new();
+    let signer = pki.self_signed("cms", "rsa:2048", &[]);
+    let trust = pki.trust("trust", &[&signer.cert]);
+    let other = pki.self_signed("cms-other", "ec:P-256", &[]);
+    let untrusted = pki.trust("untrusted", &[&other.cert]);
+    for extra in [&["-keyid", "-noattr"][..], &["-keyid"], &[]] {
+        let out = pki.path("cms.p7s");
+        let input = pki.path("roothash");
+        let mut args = vec!["cms", "-sign", "-nocerts", "-binary", "-outform", "der"];
+        args.extend(extra);
+        args.extend([
+            "-in",
+            path_str(&input),
+            "-signer",
+            path_str(&signer.cert),
+            "-inkey",
+            path_str(&signer.key),
+            "-out",
+            path_str(&out),
+        ]);
+        run_ok("openssl", &args);
+        let sig = std::fs::read(&out).unwrap();
+        verify_root_hash_signature(&sig, &root(), &trust).unwrap();
+        refused(
+            verify_root_hash_signature(&sig, &root(), &untrusted),
+            "not in the trust directory",
+        );
+    }
+}
+
 #[test]
 fn der_certificates_in_the_trust_dir_work() {
     let pki = Pki::new();
