@@ -38,7 +38,9 @@ pub mod tree;
 
 pub use error::{Error, Result};
 pub use geometry::{Geometry, VerityParams};
-pub use policy::{open_image, OpenedImage, Sidecars, SignatureStatus, TrustPolicy, VerityOptions};
+pub use policy::{
+    open_image, open_verified, OpenedImage, Sidecars, SignatureStatus, TrustPolicy, VerityOptions,
+};
 pub use reader::VerifiedReader;
 pub use root_hash::RootHash;
 pub use signature::{sign_root_hash, verify_root_hash_signature, TrustStore, TrustedSigner};

@@ -211,14 +211,16 @@ pub fn open_image(image: &Path, opts: &VerityOptions) -> Result<OpenedImage> {
 
     let signature = check_signature(&root_hash, opts, &sidecars)?;
 
-    let data = Arc::new(open(image)?);
-    let (hash, tree_path, offset): (Arc<File>, PathBuf, u64) =
+    let data: Arc<dyn ReadAt> = Arc::new(open(image)?);
+    let (tree, tree_path, offset): (Option<Arc<dyn ReadAt>>, PathBuf, u64) =
         match (&opts.verity_data, &sidecars.verity) {
-            (Some(p), _) | (None, Some(p)) => {
-                (Arc::new(open(p)?), p.clone(), opts.hash_offset.unwrap_or(0))
-            }
+            (Some(p), _) | (None, Some(p)) => (
+                Some(Arc::new(open(p)?)),
+                p.clone(),
+                opts.hash_offset.unwrap_or(0),
+            ),
             (None, None) => match opts.hash_offset {
-                Some(off) => (Arc::clone(&data), image.to_path_buf(), off),
+                Some(off) => (None, image.to_path_buf(), off),
                 None => {
                     return Err(Error::invalid(format!(
                 "no hash tree for {}: give --verity-data or --hash-offset, or put {} next to it",
@@ -228,14 +230,8 @@ pub fn open_image(image: &Path, opts: &VerityOptions) -> Result<OpenedImage> {
                 }
             },
         };
-    let geometry = geometry_from_superblock(&*hash, offset).map_err(|e| prefix(e, &tree_path))?;
-    if Arc::ptr_eq(&hash, &data) && geometry.data_size() > offset {
-        return Err(Error::invalid(format!(
-            "the verity data area ({} bytes) overlaps the hash area at {offset}",
-            geometry.data_size()
-        )));
-    }
-    let reader = VerifiedReader::new(Arc::clone(&data), hash, geometry.clone(), root_hash)?;
+    let reader = open_verified(data, tree, offset, root_hash).map_err(|e| prefix(e, &tree_path))?;
+    let geometry = reader.geometry().clone();
     Ok(OpenedImage {
         reader: Arc::new(reader),
         verity: Some(VerityInfo {
@@ -246,6 +242,29 @@ pub fn open_image(image: &Path, opts: &VerityOptions) -> Result<OpenedImage> {
             signature,
         }),
     })
+}
+
+/// A [`VerifiedReader`] over `data` for the tree with a superblock at
+/// `hash_offset` of `tree`, or of `data` itself when `tree` is `None` (the
+/// tree appended to the image, which must then not overlap the data area).
+/// For callers that hold open files rather than paths (the mount daemon and
+/// the FUSE server, which receive file descriptors).
+pub fn open_verified(
+    data: Arc<dyn ReadAt>,
+    tree: Option<Arc<dyn ReadAt>>,
+    hash_offset: u64,
+    root: RootHash,
+) -> Result<VerifiedReader<Arc<dyn ReadAt>>> {
+    let appended = tree.is_none();
+    let tree = tree.unwrap_or_else(|| Arc::clone(&data));
+    let geometry = geometry_from_superblock(&*tree, hash_offset)?;
+    if appended && geometry.data_size() > hash_offset {
+        return Err(Error::invalid(format!(
+            "the verity data area ({} bytes) overlaps the hash tree at offset {hash_offset}",
+            geometry.data_size()
+        )));
+    }
+    VerifiedReader::new(data, tree, geometry, root)
 }
 
 fn prefix(e: Error, path: &Path) -> Error {
