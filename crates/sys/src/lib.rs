@@ -4,4 +4,5 @@
 #![allow(unsafe_code)]
 
 pub mod fuse;
+pub mod mountd;
 pub mod sandbox;
