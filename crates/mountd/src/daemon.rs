@@ -697,9 +697,13 @@ struct Attached {
 
 fn attach(mount: &OwnedFd, dir: &OwnedFd) -> io::Result<Attached> {
     // Read before attaching: the path names the directory, then the mount.
-    let path = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
-    sys::attach_mount_on_fd(mount.as_fd(), dir.as_fd())?;
-    let mount_id = sys::mount_id_of_fd(mount.as_fd())?;
+    let step =
+        |what: &'static str| move |e: io::Error| io::Error::new(e.kind(), format!("{what}: {e}"));
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+        .map_err(step("reading the directory's path"))?;
+    // Asked before attaching; the id stays with the mount.
+    let mount_id = mount_id_of_fd(mount.as_raw_fd()).map_err(step("reading fdinfo"))?;
+    sys::attach_mount_on_fd(mount.as_fd(), dir.as_fd()).map_err(step("move_mount"))?;
     Ok(Attached { path, mount_id })
 }
 
@@ -726,6 +730,17 @@ fn reap(state: Arc<State>, mut started: server::Started, slot: Slot, attached: O
         }
     }
     log(&line);
+}
+
+/// The id of the mount a descriptor is on, from /proc/self/fdinfo: a
+/// `statx` would ask the FUSE filesystem, which refuses the daemon (only
+/// the caller may use the mount without allow_other).
+fn mount_id_of_fd(fd: std::os::fd::RawFd) -> io::Result<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no mnt_id in fdinfo"))
 }
 
 /// Whether mount `id` is attached at `path`, per /proc/self/mountinfo (a

@@ -11,7 +11,6 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-use rustix::fs::{AtFlags, StatxFlags};
 use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags};
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
@@ -198,25 +197,6 @@ pub fn attach_mount_at(mount: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
         MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
     .map_err(to_io)
-}
-
-/// The unique id of the mount `fd` (a file, directory or mount fd) is on.
-pub fn mount_id_of_fd(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let st = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, StatxFlags::MNT_ID).map_err(to_io)?;
-    Ok(st.stx_mnt_id)
-}
-
-/// The unique id of the mount `path` is on, without following a final
-/// symlink.
-pub fn mount_id_at(path: &Path) -> io::Result<u64> {
-    let st = rustix::fs::statx(
-        rustix::fs::CWD,
-        path,
-        AtFlags::SYMLINK_NOFOLLOW,
-        StatxFlags::MNT_ID,
-    )
-    .map_err(to_io)?;
-    Ok(st.stx_mnt_id)
 }
 
 /// Detach the mount at `path` (`umount2(MNT_DETACH | UMOUNT_NOFOLLOW)`).
