@@ -12,7 +12,8 @@
 # usage (root: mounts and drops the page cache): bench/read-bench.sh
 #   RUNS=5           runs per figure (median printed); drivers interleaved
 #   ALGS="lz4hc zstd lzma lz4 deflate plain"   images to read (see img_opts)
-#   DRIVERS="kernel fsck readall readallN fuse erofsfuse"  (those missing are skipped)
+#   DRIVERS="kernel kreadall kreadallN fsck readall readallN fuse erofsfuse"
+#                    (those whose binary is missing are skipped)
 #   MANIFEST_IMAGES="frag-lz4hc allfrag-lzma CORPUS/fragments.erofs CORPUS/allfrag.erofs"
 #                    (a name is an image built here, a path is used as is;
 #                    MANIFEST_IMAGES= skips that part, ALGS= skips the reads)
@@ -27,14 +28,17 @@
 #                    `cargo build --release -p erofs --example read_all`)
 #   WORK=DIR         scratch: mount point, raw results (default /tmp/immount-read-bench)
 #
-# Drivers, each timed over the whole tree (walk + every byte of every file):
+# Drivers, each timed over the whole tree (walk + every byte of every file),
+# and the kernel figure each is compared with (same method, same run):
 #   kernel     mount -t erofs -o ro,loop; tar -cf - . | cat   (tar skips the data
 #              when writing to /dev/null, hence the pipe)
-#   fsck       immount fsck IMAGE (offline, one thread, checks every byte)
-#   readall    read_all IMAGE 1    (offline, one thread, 128 KiB reads)
-#   readallN   read_all IMAGE $THREADS
-#   fuse       immount mount; tar | cat; umount
-#   erofsfuse  erofsfuse; tar | cat; umount
+#   kreadall   kernel mount; read_all MOUNTPOINT 1 (std::fs, one thread, 128 KiB reads)
+#   kreadallN  kernel mount; read_all MOUNTPOINT $THREADS
+#   fsck       immount fsck IMAGE (offline, one thread, every byte)  vs kreadall
+#   readall    read_all IMAGE 1        (offline, one thread)         vs kreadall
+#   readallN   read_all IMAGE $THREADS (offline, shared Image)       vs kreadallN
+#   fuse       immount mount; tar | cat; umount                      vs kernel
+#   erofsfuse  erofsfuse; tar | cat; umount                          vs kernel
 # Two figures each:
 #   cold  page cache dropped, fresh mount / fresh process
 #   hot   image file already in the page cache, fresh mount / fresh process:
@@ -43,7 +47,7 @@ set -euo pipefail
 
 RUNS=${RUNS:-5}
 ALGS=${ALGS-lz4hc zstd lzma lz4 deflate plain}
-DRIVERS=${DRIVERS:-kernel fsck readall readallN fuse erofsfuse}
+DRIVERS=${DRIVERS:-kernel kreadall kreadallN fsck readall readallN fuse erofsfuse}
 THREADS=${THREADS:-$(nproc)}
 WORK=${WORK:-/tmp/immount-read-bench}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -104,7 +108,7 @@ active=""
 for d in $DRIVERS; do
     case $d in
         kernel | fsck | fuse) active="$active $d" ;;
-        readall | readallN) [ -n "$READ_ALL" ] && active="$active $d" ;;
+        readall | readallN | kreadall | kreadallN) [ -n "$READ_ALL" ] && active="$active $d" ;;
         erofsfuse) [ -n "$EROFSFUSE" ] && active="$active $d" ;;
         *) echo "read-bench.sh: unknown driver $d" >&2; exit 2 ;;
     esac
@@ -143,7 +147,7 @@ do_umount() {
 }
 do_mount() { # driver image
     case $1 in
-        kernel) mount -t erofs -o ro,loop "$2" "$MP" ;;
+        kernel | kreadall | kreadallN) mount -t erofs -o ro,loop "$2" "$MP" ;;
         fuse) "$IMMOUNT" mount "$2" "$MP" ;;
         erofsfuse) "$EROFSFUSE" "$2" "$MP" > /dev/null 2>&1 ;;
     esac
@@ -157,6 +161,13 @@ time_read() { # driver image
         kernel | fuse | erofsfuse)
             do_mount "$d" "$img"
             t0=$(now); read_tree; t1=$(now)
+            do_umount
+            ;;
+        kreadall | kreadallN)
+            do_mount kernel "$img"
+            local n=1
+            [ "$d" = kreadallN ] && n=$THREADS
+            t0=$(now); "$READ_ALL" "$MP" "$n" > /dev/null; t1=$(now)
             do_umount
             ;;
         fsck)
@@ -240,24 +251,31 @@ def med(v, i):
     return statistics.median(x[i] for x in v)
 
 print(f"median of {runs} runs; load average {load0} at start, {load1} at end")
-print("ratio = time / kernel's time in the same run (lower is better; 1.00 = kernel)")
+print("lower ratio is better; 1.00 = as fast as the kernel in the same run")
 print()
 reads = [(k, v) for k, v in rows.items() if k[0] == "read"]
+# Each driver against the kernel figure taken the same way.
+BASE = {"kernel": "kernel", "fuse": "kernel", "erofsfuse": "kernel", "kreadall": "kreadall",
+        "fsck": "kreadall", "readall": "kreadall", "kreadallN": "kreadallN", "readallN": "kreadallN"}
 if reads:
-    print("## Read every file (cold: page cache dropped; hot: image cached, nothing decoded cached)")
+    print("## Read every file (cold: page cache dropped, fresh mount; hot: image file cached, fresh mount,")
+    print("## nothing decoded cached). ratio = time / time of the kernel figure named in `vs`.")
     print()
-    print("| image | driver | cold s | cold MB/s | cold ratio | hot s | hot MB/s | hot ratio |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| image | driver | vs | cold s | cold MB/s | cold ratio | hot s | hot MB/s | hot ratio |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for (_, img), drivers in reads:
-        k = drivers.get("kernel")
         for drv, v in drivers.items():
+            base = BASE[drv]
+            k = drivers.get(base)
             c, h, n = med(v, 0), med(v, 1), v[0][2]
-            cells = [img, drv, f"{c:.3f}", f"{n / c / 1e6:.0f}" if c else "-"]
+            cells = [img, drv, base if base != drv else "", f"{c:.3f}", f"{n / c / 1e6:.0f}" if c else "-"]
             cells.append(f"{c / med(k, 0):.2f}" if k else "-")
             cells += [f"{h:.3f}", f"{n / h / 1e6:.0f}" if h else "-"]
             cells.append(f"{h / med(k, 1):.2f}" if k else "-")
             print("| " + " | ".join(cells) + " |")
-        print(f"| {img} | (file data) | {v[0][2] / 1e6:.1f} MB | | | | | |")
+    print()
+    print("MB = 10^6 bytes of file data, each hard-linked file once: " +
+          ", ".join(f"{img} {v[next(iter(v))][0][2] / 1e6:.1f}" for (_, img), v in reads))
     print()
 mans = [(k, v) for k, v in rows.items() if k[0] == "manifest"]
 if mans:
