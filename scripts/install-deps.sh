@@ -13,6 +13,7 @@ packages=(
   passwd         # useradd: tests of unprivileged behaviour
   util-linux     # unshare, mount, losetup
   kmod           # modprobe fuse/erofs/loop where needed
+  time           # /usr/bin/time: peak memory of crafted-image tests
 )
 missing=()
 for p in "${packages[@]}"; do

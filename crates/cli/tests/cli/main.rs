@@ -3,6 +3,7 @@
 
 mod common;
 mod corpus;
+mod crafted;
 mod errors;
 mod extract;
 mod mutation;
