@@ -3,6 +3,7 @@
 //! and every subcommand turns library errors into one line and an exit code.
 
 mod cmd_mount;
+mod cmd_verity;
 mod extract;
 mod manifest;
 mod offline;
@@ -41,6 +42,9 @@ pub struct ImageArgs {
     /// An extra device of the image, in device-table order (repeatable).
     #[arg(long = "device", value_name = "PATH")]
     pub devices: Vec<PathBuf>,
+    /// dm-verity: check every block before the parser sees it.
+    #[command(flatten)]
+    pub verity: cmd_verity::VerityArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -51,6 +55,11 @@ enum Command {
     Mount(cmd_mount::MountArgs),
     /// Unmount a mount made by `immount mount`; the server then exits.
     Umount(cmd_mount::UmountArgs),
+    /// dm-verity hash trees and signed root hashes: format, verify, sign.
+    Verity {
+        #[command(subcommand)]
+        command: cmd_verity::VerityCommand,
+    },
     /// Print the superblock: features, block size, counts.
     Inspect {
         #[command(flatten)]
@@ -125,16 +134,41 @@ enum Command {
     },
 }
 
-/// Open an image and its extra devices.
+/// Open an image and its extra devices; with verity options (or sidecar
+/// files next to the image), every block is checked against the hash tree
+/// before the parser sees it.
 pub fn open_image(args: &ImageArgs) -> anyhow::Result<erofs::Image> {
-    let file = std::fs::File::open(&args.image)
+    Ok(open_image_verified(args)?.0)
+}
+
+/// One line saying how an image was verified.
+pub fn describe_verity(info: &verity::policy::VerityInfo) -> String {
+    let signature = match &info.signature {
+        verity::SignatureStatus::Absent => "no signature".to_string(),
+        verity::SignatureStatus::Unchecked(p) => {
+            format!("signature {} not checked (no --trust-dir)", p.display())
+        }
+        verity::SignatureStatus::Valid(s) => format!("signed by {}", s.subject),
+    };
+    format!(
+        "verity root hash {} ({}), {signature}",
+        info.root_hash, info.root_hash_source
+    )
+}
+
+/// [`open_image`], also saying how the image was verified, if it was.
+pub fn open_image_verified(
+    args: &ImageArgs,
+) -> anyhow::Result<(erofs::Image, Option<verity::policy::VerityInfo>)> {
+    let opts = args.verity.options()?;
+    let opened = verity::open_image(&args.image, &opts)
         .with_context(|| format!("cannot open {}", args.image.display()))?;
     let mut extra: Vec<Arc<dyn erofs::ReadAt>> = Vec::new();
     for d in &args.devices {
         let f = std::fs::File::open(d).with_context(|| format!("cannot open {}", d.display()))?;
         extra.push(Arc::new(f));
     }
-    let image = erofs::Image::open_with_devices(Arc::new(file), extra)
+    let image = erofs::Image::open_with_devices(opened.reader, extra)
         .with_context(|| format!("{}", args.image.display()))?;
     if image.extra_devices_given() < image.extra_devices_expected() {
         eprintln!(
@@ -143,7 +177,7 @@ pub fn open_image(args: &ImageArgs) -> anyhow::Result<erofs::Image> {
             image.extra_devices_expected()
         );
     }
-    Ok(image)
+    Ok((image, opened.verity))
 }
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
@@ -151,6 +185,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Mount(args) => Ok(u8::try_from(cmd_mount::run_mount(args)?).unwrap_or(EXIT_USAGE)),
         Command::Umount(args) => {
             Ok(u8::try_from(cmd_mount::run_umount(args)?).unwrap_or(EXIT_USAGE))
+        }
+        Command::Verity { command } => {
+            Ok(u8::try_from(cmd_verity::run(command)?).unwrap_or(EXIT_USAGE))
         }
         Command::Inspect { image, json } => offline::inspect(&image, json),
         Command::Ls {
@@ -178,6 +215,15 @@ fn exit_code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<erofs::Error>() {
             return if e.is_image_fault() {
+                EXIT_CORRUPT
+            } else {
+                EXIT_USAGE
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<verity::Error>() {
+            // A tree that does not match, or a signature that is not
+            // trusted: the image is refused, as a corrupt one is.
+            return if e.is_mismatch() || matches!(e, verity::Error::Untrusted(_)) {
                 EXIT_CORRUPT
             } else {
                 EXIT_USAGE

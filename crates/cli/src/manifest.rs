@@ -133,7 +133,7 @@ fn entry_line(
     );
     let mut xattrs = image.list_xattrs(inode)?;
     if !xattrs.is_empty() {
-        xattrs.sort_by(|a, b| python_str(&a.name).cmp(&python_str(&b.name)));
+        xattrs.sort_by_key(|x| python_str(&x.name));
         s.push_str(", \"xattrs\": {");
         for (i, x) in xattrs.iter().enumerate() {
             if i > 0 {

@@ -411,7 +411,7 @@ pub fn getfattr(
 
 /// `immount fsck`: every inode, directory, xattr and data byte.
 pub fn fsck(args: &ImageArgs, verbose: bool) -> anyhow::Result<u8> {
-    let image = crate::open_image(args)?;
+    let (image, verity) = crate::open_image_verified(args)?;
     let mut files = 0u64;
     let mut bytes = 0u64;
     let mut buf = vec![0u8; 1 << 20];
@@ -442,9 +442,12 @@ pub fn fsck(args: &ImageArgs, verbose: bool) -> anyhow::Result<u8> {
     });
     match result {
         Ok(()) => {
+            let how =
+                verity.map(|v| format!(", every block checked: {}", crate::describe_verity(&v)));
             println!(
-                "{}: clean, {files} inodes, {bytes} bytes of file data checked",
-                args.image.display()
+                "{}: clean, {files} inodes, {bytes} bytes of file data checked{}",
+                args.image.display(),
+                how.unwrap_or_default()
             );
             Ok(0)
         }

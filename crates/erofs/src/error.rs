@@ -90,6 +90,18 @@ impl Error {
         }
     }
 
+    /// An error from the byte source at `offset`: a read past the end or a
+    /// block that a verified reader refused (`InvalidData`) is the image's
+    /// fault; anything else is I/O.
+    pub fn from_io(offset: u64, e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidData => {
+                Error::corrupt_at(None, offset, e.to_string())
+            }
+            _ => Error::Io { offset, source: e },
+        }
+    }
+
     /// Attach an inode number to a corruption error that has none.
     #[must_use]
     pub fn with_nid(self, nid: u64) -> Self {

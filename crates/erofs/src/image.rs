@@ -2,7 +2,6 @@
 //! every lookup and read goes through.
 
 use std::fmt;
-use std::io;
 use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
@@ -204,14 +203,8 @@ impl Image {
         }
         d.source
             .read_exact_at(buf, pos)
-            .map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => {
-                    Error::corrupt_at(None, pos, format!("device {dev} ended early: {e}"))
-                }
-                _ => Error::Io {
-                    offset: pos,
-                    source: e,
-                },
-            })
+            // A verified reader refuses a block that does not match its hash
+            // tree (InvalidData): the image is corrupt or tampered with there.
+            .map_err(|e| Error::from_io(pos, e))
     }
 }

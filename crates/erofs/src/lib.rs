@@ -8,6 +8,8 @@
 //! The crate knows nothing of where bytes come from ([`ReadAt`]) or of how
 //! they are served (FUSE, a CLI): it is the on-disk format and nothing else.
 #![forbid(unsafe_code)]
+// Library code never unwraps: an image must not be able to cause a panic.
+#![warn(clippy::unwrap_used)]
 
 mod data;
 pub mod decompress;

@@ -242,10 +242,7 @@ impl Superblock {
         }
         let mut base = [0u8; SB_BASE_SIZE];
         dev.read_exact_at(&mut base, SUPER_OFFSET)
-            .map_err(|e| Error::Io {
-                offset: SUPER_OFFSET,
-                source: e,
-            })?;
+            .map_err(|e| Error::from_io(SUPER_OFFSET, e))?;
         let magic = le32(&base, 0);
         if magic != MAGIC {
             return Err(Error::corrupt_at(
@@ -285,10 +282,7 @@ impl Superblock {
             .unwrap_or(usize::MAX)
             .min(raw.len());
         dev.read_exact_at(&mut raw[..readable], SUPER_OFFSET)
-            .map_err(|e| Error::Io {
-                offset: SUPER_OFFSET,
-                source: e,
-            })?;
+            .map_err(|e| Error::from_io(SUPER_OFFSET, e))?;
         if readable < sb_size {
             return Err(Error::corrupt_at(
                 None,
@@ -307,8 +301,8 @@ impl Superblock {
                 block_size
             };
             let mut blk = vec![0u8; len];
-            dev.read_exact_at(&mut blk, SUPER_OFFSET).map_err(|_| {
-                Error::corrupt_at(None, SUPER_OFFSET, "superblock block is truncated")
+            dev.read_exact_at(&mut blk, SUPER_OFFSET).map_err(|e| {
+                Error::corrupt_at(None, SUPER_OFFSET, format!("superblock block: {e}"))
             })?;
             blk[4..8].fill(0);
             let computed = kernel_crc32c(&blk);
@@ -490,8 +484,6 @@ fn read_meta_exact(dev: &dyn ReadAt, dev_size: u64, buf: &mut [u8], pos: u64) ->
             ),
         ));
     }
-    dev.read_exact_at(buf, pos).map_err(|e| Error::Io {
-        offset: pos,
-        source: e,
-    })
+    dev.read_exact_at(buf, pos)
+        .map_err(|e| Error::from_io(pos, e))
 }

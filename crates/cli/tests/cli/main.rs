@@ -7,3 +7,4 @@ mod crafted;
 mod errors;
 mod extract;
 mod mutation;
+mod verity;
