@@ -12,6 +12,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// The policy read when `--policy` is not given, if it exists.
+const DEFAULT_POLICY: &str = "/etc/immount/policy.toml";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "immountd",
@@ -22,7 +25,8 @@ struct Cli {
     /// also honours IMMOUNT_SOCKET.
     #[arg(long, value_name = "PATH", global = true)]
     socket: Option<PathBuf>,
-    /// The policy file (TOML); defaults apply when absent.
+    /// The policy file (TOML) [default: /etc/immount/policy.toml if it
+    /// exists, else built-in defaults].
     #[arg(long, value_name = "FILE")]
     policy: Option<PathBuf>,
     /// Connections served at once.
@@ -83,6 +87,9 @@ fn main() {
 }
 
 fn daemon(socket: Option<PathBuf>, policy: Option<PathBuf>, max_connections: usize) -> i32 {
+    // The default policy file is optional; one named with --policy is not.
+    let default_file = PathBuf::from(DEFAULT_POLICY);
+    let policy = policy.or_else(|| default_file.exists().then_some(default_file));
     let policy = match policy {
         Some(p) => match mountd::policy::Policy::load(&p) {
             Ok(p) => p,
