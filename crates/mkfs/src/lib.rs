@@ -10,11 +10,13 @@ pub mod compress;
 mod error;
 pub mod format;
 pub mod scan;
+pub mod tar;
 pub mod tree;
 pub mod write;
 
 pub use compress::{Algorithm, CompressOptions};
 pub use error::{Error, Result};
 pub use scan::scan_dir;
+pub use tar::{oci_layers, tree_from_layers, tree_from_oci, tree_from_tar, TarImporter};
 pub use tree::{Data, Kind, Node, NodeId, Tree};
 pub use write::{build_image, write_image, BuildReport, Options};

@@ -528,6 +528,8 @@ pub fn write_image(tree: &Tree, file: &File, opts: &Options) -> Result<BuildRepo
         }
         if is_file {
             bar.inc(p.size);
+        }
+        if is_file && matches!(data, Data::Path(_)) {
             // The file must end where its size said.
             let mut probe = [0u8; 1];
             if read_full(&mut *r, &mut probe).map_err(|e| Error::io(data_name(&data), e))? != 0 {
