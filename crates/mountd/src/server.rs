@@ -227,6 +227,7 @@ fn setup(status: &OwnedFd, conn: &mut Connection<&OwnedFd>) -> Result<Session, F
         threads: 1,
         // With mapped ids, ACL entries would name the image's owners.
         posix_acl: config.map_ids_to.is_none(),
+        ..SessionConfig::default()
     };
     if let Some((uid, gid)) = config.map_ids_to {
         fs = Arc::new(MappedIds {

@@ -209,6 +209,33 @@ impl Daemon {
             .count()
     }
 
+    /// The daemon's descriptor count once it has stopped changing (a
+    /// connection thread closes its socket a moment after the client).
+    fn settled_fd_count(&self) -> usize {
+        let mut last = self.fd_count();
+        let mut stable = 0;
+        while stable < 5 {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = self.fd_count();
+            stable = if now == last { stable + 1 } else { 0 };
+            last = now;
+        }
+        last
+    }
+
+    /// Wait until the daemon holds `want` descriptors again.
+    fn wait_fd_count(&self, want: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.fd_count() != want {
+            assert!(
+                Instant::now() < deadline,
+                "daemon fds: {want} before, {} after",
+                self.fd_count()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn rss_kib(&self) -> u64 {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
@@ -579,14 +606,14 @@ fn fifty_concurrent_clients_leave_nothing_behind() {
         d.wait_no_servers();
         assert!(d.mounts().is_empty(), "leaked mounts: {:?}", d.mounts());
     };
-    let fds_before = d.fd_count();
+    let fds_before = d.settled_fd_count();
     let started = Instant::now();
     round("a");
     let rss_after_one = d.rss_kib();
     round("b");
     round("c");
     let rss_after_three = d.rss_kib();
-    assert_eq!(d.fd_count(), fds_before, "daemon fds leaked");
+    d.wait_fd_count(fds_before);
     // Flat: two more rounds of 50 add less than 2 MiB.
     assert!(
         rss_after_three < rss_after_one + 2048,
@@ -627,7 +654,7 @@ fn malformed_input_gets_errors_or_is_dropped_and_the_daemon_keeps_serving() {
             == "immountd"
     );
     drop(c);
-    let fds_before = d.fd_count();
+    let fds_before = d.settled_fd_count();
 
     // Truncated JSON: dropped.
     assert!(raw(&d, b"{\"method\": \"org.varlink.service.GetInfo\"\0", &[]).is_none());
@@ -768,16 +795,7 @@ fn malformed_input_gets_errors_or_is_dropped_and_the_daemon_keeps_serving() {
     let r = call(&mut c, "org.varlink.service.GetInfo", json!({}));
     assert_eq!(r["parameters"]["product"], "immountd");
     drop(c);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while d.fd_count() != fds_before {
-        assert!(
-            Instant::now() < deadline,
-            "daemon fds: {} then {}",
-            fds_before,
-            d.fd_count()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    d.wait_fd_count(fds_before);
     assert!(d.mounts().is_empty(), "{:?}", d.mounts());
 }
 
