@@ -221,6 +221,9 @@ fn setup(status: &OwnedFd, conn: &mut Connection<&OwnedFd>) -> Result<Session, F
     // Check the root now so a broken image fails the mount, not a request.
     image.inode(image.root_nid()).map_err(bad)?;
     let mut fs: Arc<dyn Filesystem> = Arc::new(ErofsFs::new(Arc::new(image)));
+    // The rest default: SessionConfig grows fields (stats) as the FUSE
+    // server does, and which exist depends on its version.
+    #[allow(clippy::needless_update)]
     let session_config = SessionConfig {
         // One thread: more would clone /dev/fuse by opening it, which the
         // sandbox forbids once applied.
