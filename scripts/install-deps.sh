@@ -24,6 +24,11 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# Python's varlink package: a real varlink client in the daemon's tests.
+if ! python3 -c 'import varlink' 2>/dev/null; then
+  python3 -m pip install --quiet varlink 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages varlink
+fi
 # /dev/fuse must exist for the mount tests.
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 echo "system packages ready"
