@@ -121,8 +121,12 @@ struct ZExtent {
     kind: ZKind,
 }
 
+/// Records between two remembered physical addresses of 4-byte extent
+/// records (one 4 KiB metadata read at most per lookup).
+const RECORD_CHECKPOINT_STRIDE: u64 = 1024;
+
 /// The per-inode map header and what was derived from it once.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct ZInfo {
     /// The whole file lives in the packed inode at `fragment_off`.
     whole_fragment: bool,
@@ -136,6 +140,11 @@ struct ZInfo {
     tail_headlcn: u64,
     /// Where the inline tail pcluster is, when ztailpacking.
     inline_pos: u64,
+    /// 4-byte extent records store only lengths, so the physical address of
+    /// record n is the sum of those before it: remembered every
+    /// [`RECORD_CHECKPOINT_STRIDE`] records, so a lookup costs one bounded
+    /// read instead of a scan from the start of the file.
+    checkpoints: Mutex<Vec<u64>>,
 }
 
 impl ZInfo {
@@ -709,43 +718,33 @@ impl Image {
     fn map_z_records(&self, inode: &Inode, zi: &ZInfo, la: u64) -> Result<ZExtent> {
         let bs = self.block_size();
         let recsz: u64 = 4 << ((zi.advise >> 1) & 3);
-        let mut pos = (Self::header_pos(inode)? + 8).next_multiple_of(recsz);
+        let pos = (Self::header_pos(inode)? + 8).next_multiple_of(recsz);
         let lsize = 1u64 << zi.lclusterbits;
         let mut lend = inode.size;
         let (mut lstart, mut plen, mut pa, last);
         let mut rec = [0u8; 32];
         if recsz <= 8 {
-            let mut next_pa = None;
-            if recsz <= 4 {
-                let mut b = [0u8; 8];
-                self.meta_read(inode.in_mbox, pos, &mut b)?;
-                next_pa = Some(u64::from_le_bytes(b));
-                pos += 8;
-                lstart = 0;
+            // Fixed-length extents, one record per lcluster.
+            let t = la >> zi.lclusterbits;
+            if t >= zi.extents {
+                return Err(zc(
+                    inode,
+                    format!("offset {la} is past the {} extent records", zi.extents),
+                ));
+            }
+            if recsz == 4 {
+                let records = pos + 8;
+                (pa, plen) = self.record4(inode, zi, pos, records, t)?;
             } else {
-                lstart = la / lsize * lsize;
-                pos += (lstart >> zi.lclusterbits) * recsz;
-            }
-            plen = 0;
-            pa = 0;
-            // One record per lcluster up to the one holding `la`.
-            while lstart <= la {
-                let r = &mut rec[..recsz as usize];
-                self.meta_read(inode.in_mbox, pos, r)?;
+                let r = &mut rec[..8];
+                self.meta_read(inode.in_mbox, pos + t * 8, r)?;
                 plen = le32(r, 0);
-                match next_pa.as_mut() {
-                    Some(p) => {
-                        pa = *p;
-                        *p = p.saturating_add(u64::from(plen & EXTENT_PLEN_MASK));
-                    }
-                    None => pa = u64::from(le32(r, 4)),
-                }
-                pos += recsz;
-                lstart += lsize;
+                pa = u64::from(le32(r, 4));
             }
-            last = lstart >= inode.size.next_multiple_of(lsize);
-            lend = lend.min(lstart);
-            lstart -= lsize;
+            lstart = t << zi.lclusterbits;
+            let next = lstart + lsize;
+            last = next >= inode.size.next_multiple_of(lsize);
+            lend = lend.min(next);
         } else {
             lstart = lend;
             plen = 0;
@@ -830,6 +829,57 @@ impl Image {
                 partial,
             },
         })
+    }
+
+    /// The physical address and raw length of 4-byte extent record `t`:
+    /// addresses start at the 8-byte value at `head` and advance by each
+    /// record's length.
+    fn record4(
+        &self,
+        inode: &Inode,
+        zi: &ZInfo,
+        head: u64,
+        records: u64,
+        t: u64,
+    ) -> Result<(u64, u32)> {
+        let stride = RECORD_CHECKPOINT_STRIDE;
+        let read_lens = |first: u64, count: u64| -> Result<Vec<u32>> {
+            let mut raw = vec![0u8; (count * 4) as usize];
+            self.meta_read(inode.in_mbox, records + first * 4, &mut raw)?;
+            Ok(raw
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        let c = t / stride;
+        let base = {
+            let mut cps = zi
+                .checkpoints
+                .lock()
+                .map_err(|_| zc(inode, "extent checkpoints poisoned"))?;
+            if cps.is_empty() {
+                let mut b = [0u8; 8];
+                self.meta_read(inode.in_mbox, head, &mut b)?;
+                cps.push(u64::from_le_bytes(b));
+            }
+            while (cps.len() as u64) <= c {
+                let k = cps.len() as u64 - 1;
+                let lens = read_lens(k * stride, stride.min(zi.extents - k * stride))?;
+                let mut p = *cps.last().unwrap_or(&0);
+                for l in lens {
+                    p = p.saturating_add(u64::from(l & EXTENT_PLEN_MASK));
+                }
+                cps.push(p);
+            }
+            cps[c as usize]
+        };
+        let lens = read_lens(c * stride, t - c * stride + 1)?;
+        let before: u64 = lens[..lens.len() - 1]
+            .iter()
+            .map(|&l| u64::from(l & EXTENT_PLEN_MASK))
+            .sum();
+        let plen = *lens.last().unwrap_or(&0);
+        Ok((base.saturating_add(before), plen))
     }
 
     /// Decode a whole extent, or take it from the cache.
