@@ -72,7 +72,7 @@ impl Drop for Mount {
 }
 
 /// fsck.erofs must accept the image: Debian's (erofs-utils 1.5) when the
-/// image uses only what 1.5 knows (4 KiB blocks, no zstd, no fragments),
+/// image uses only what 1.5 knows (4 KiB blocks, LZ4 or LZMA, no fragments),
 /// and erofs-utils 1.9.3 from the benchmark directory when it is there.
 pub fn fsck(image: &Path, debian_knows_it: bool) {
     let mut tools = Vec::new();
@@ -209,10 +209,12 @@ pub fn build_and_check(src: &Path, opts: &mkfs::Options, work: &Path) -> Vec<u8>
     let image = work.join("img.erofs");
     mkfs::build_image(&tree, &image, opts).unwrap();
     let debian = opts.block_size == 4096
-        && opts
-            .compress
-            .as_ref()
-            .is_none_or(|c| c.algorithm != mkfs::Algorithm::Zstd && !c.fragments);
+        && opts.compress.as_ref().is_none_or(|c| {
+            matches!(
+                c.algorithm,
+                mkfs::Algorithm::Lz4 | mkfs::Algorithm::Lz4hc | mkfs::Algorithm::Lzma
+            ) && !c.fragments
+        });
     check_image(&image, &manifest(src), work, debian);
     fs::read(&image).unwrap()
 }

@@ -1,0 +1,621 @@
+//! Compressed files: fixed-size pclusters filled by the encoders, compact
+//! lcluster indexes as mkfs.erofs writes them, both cores at work.
+//!
+//! A file is cut into segments compressed independently (in parallel);
+//! each segment becomes a run of extents, each either a compressed
+//! pcluster (at most `pcluster_size` bytes, right-aligned after zero
+//! padding) or one raw block when compression would not save a block. The
+//! data is written in file order as batches complete; only the extent
+//! lengths stay in memory until the file's indexes are encoded.
+
+pub mod fit;
+pub mod lz4;
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::format;
+use crate::tree::Data;
+use crate::write::{data_name, Out};
+
+/// Compression algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// LZ4 (fast).
+    Lz4,
+    /// LZ4 with a deeper match search.
+    Lz4hc,
+    /// MicroLZMA.
+    Lzma,
+    /// Raw DEFLATE.
+    Deflate,
+    /// Zstandard.
+    Zstd,
+}
+
+impl Algorithm {
+    /// The on-disk algorithm id.
+    fn id(self) -> u8 {
+        match self {
+            Algorithm::Lz4 | Algorithm::Lz4hc => 0,
+            Algorithm::Lzma => 1,
+            Algorithm::Deflate => 2,
+            Algorithm::Zstd => 3,
+        }
+    }
+
+    fn default_level(self) -> i32 {
+        match self {
+            Algorithm::Lz4 => 1,
+            Algorithm::Lz4hc => 9,
+            Algorithm::Lzma => 6,
+            Algorithm::Deflate => 6,
+            Algorithm::Zstd => 3,
+        }
+    }
+}
+
+/// How to compress.
+#[derive(Debug, Clone)]
+pub struct CompressOptions {
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// Its level, or its default.
+    pub level: Option<i32>,
+    /// Largest pcluster in bytes (a multiple of the block size).
+    pub pcluster_size: u32,
+    /// Tail pclusters inline after the inode (not implemented yet: refused).
+    pub ztailpacking: bool,
+    /// Tails in the packed inode (not implemented yet: refused).
+    pub fragments: bool,
+    /// Share identical pclusters (not implemented yet: refused).
+    pub dedupe: bool,
+}
+
+/// Input compressed independently per work item.
+const SEGMENT: u64 = 4 << 20;
+/// Input in flight per batch (bounds memory).
+const BATCH: u64 = 64 << 20;
+/// Most input one extent covers.
+const EXTENT_MAX: usize = 1 << 20;
+/// LZMA dictionary and Zstandard window: one extent.
+const DICT_SIZE: u32 = EXTENT_MAX as u32;
+
+const ADVISE_COMPACTED_2B: u16 = 0x0001;
+const ADVISE_BIG_PCLUSTER_1: u16 = 0x0002;
+const ADVISE_BIG_PCLUSTER_2: u16 = 0x0004;
+const LI_D0_CBLKCNT: u16 = 1 << 11;
+const TYPE_PLAIN: u16 = 0;
+const TYPE_HEAD1: u16 = 1;
+const TYPE_NONHEAD: u16 = 2;
+
+/// An extent once written: (input bytes, raw, blocks).
+type ExtentMeta = (u64, bool, u64);
+
+/// One extent: `len` input bytes stored in `data` (whole blocks).
+#[derive(Debug)]
+struct Extent {
+    len: u64,
+    raw: bool,
+    data: Vec<u8>,
+}
+
+/// Result of compressing one file.
+#[derive(Debug)]
+pub(crate) struct FileResult {
+    pub layout: u16,
+    pub i_u: u32,
+    pub inline: Vec<u8>,
+}
+
+/// Compression state across the image.
+#[derive(Debug)]
+pub(crate) struct State {
+    opts: CompressOptions,
+    bs: u32,
+    level: i32,
+}
+
+fn check(c: &CompressOptions, bs: u32) -> Result<()> {
+    if c.pcluster_size < bs || !c.pcluster_size.is_multiple_of(bs) || c.pcluster_size > 1 << 20 {
+        return Err(Error::Option(format!(
+            "pcluster size {} is not a multiple of the block size up to 1 MiB",
+            c.pcluster_size
+        )));
+    }
+    if c.ztailpacking || c.fragments || c.dedupe {
+        return Err(Error::Option(
+            "ztailpacking, fragments and dedupe are not implemented yet".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn big_pcluster(c: &CompressOptions, bs: u32) -> bool {
+    c.pcluster_size > bs
+}
+
+/// The configuration records after the superblock (empty for plain LZ4
+/// with one-block pclusters, which needs none).
+pub(crate) fn config_records(c: &CompressOptions, bs: u32) -> Result<Vec<u8>> {
+    check(c, bs)?;
+    let mut out = Vec::new();
+    match c.algorithm {
+        Algorithm::Lz4 | Algorithm::Lz4hc => {
+            if big_pcluster(c, bs) {
+                out.extend_from_slice(&14u16.to_le_bytes());
+                out.extend_from_slice(&0u16.to_le_bytes()); // default distance
+                out.extend_from_slice(&((c.pcluster_size / bs) as u16).to_le_bytes());
+                out.extend_from_slice(&[0u8; 10]);
+            }
+        }
+        Algorithm::Lzma => {
+            out.extend_from_slice(&14u16.to_le_bytes());
+            out.extend_from_slice(&DICT_SIZE.to_le_bytes());
+            out.extend_from_slice(&0u16.to_le_bytes());
+            out.extend_from_slice(&[0u8; 8]);
+        }
+        Algorithm::Deflate => {
+            out.extend_from_slice(&6u16.to_le_bytes());
+            out.push(15);
+            out.extend_from_slice(&[0u8; 5]);
+        }
+        Algorithm::Zstd => {
+            out.extend_from_slice(&6u16.to_le_bytes());
+            out.push(0);
+            out.push((DICT_SIZE.trailing_zeros() - 10) as u8);
+            out.extend_from_slice(&[0u8; 4]);
+        }
+    }
+    Ok(out)
+}
+
+/// Per-thread encoders.
+enum Encoder {
+    Lz4(lz4::Lz4Encoder),
+    Fit(fit::Fitter),
+}
+
+impl Encoder {
+    fn new(alg: Algorithm, level: i32) -> Encoder {
+        match alg {
+            Algorithm::Lz4 => Encoder::Lz4(lz4::Lz4Encoder::new(1)),
+            Algorithm::Lz4hc => Encoder::Lz4(lz4::Lz4Encoder::new(1 << (level.clamp(2, 12) - 1))),
+            _ => Encoder::Fit(fit::Fitter::new(alg, level, DICT_SIZE)),
+        }
+    }
+
+    fn fill(&mut self, src: &[u8], cap: usize) -> Option<(usize, Vec<u8>)> {
+        match self {
+            Encoder::Lz4(e) => {
+                let (n, out) = e.compress_dest(src, cap);
+                (n > 0).then_some((n, out))
+            }
+            Encoder::Fit(f) => f.fit(src, cap),
+        }
+    }
+}
+
+thread_local! {
+    static ENCODER: std::cell::RefCell<Option<(Algorithm, i32, Encoder)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Read `len` bytes at `offset` of a file's data.
+fn read_segment(data: &Data, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let short = || {
+        Error::input(format!(
+            "{}: file changed size while the image was built",
+            data_name(data)
+        ))
+    };
+    match data {
+        Data::Path(p) => {
+            let f = File::open(p).map_err(|e| Error::io(p, e))?;
+            f.read_exact_at(&mut buf, offset).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    short()
+                } else {
+                    Error::io(p, e)
+                }
+            })?;
+        }
+        Data::Spill { file, offset: base } => {
+            file.read_exact_at(&mut buf, base + offset)
+                .map_err(|e| Error::io("<spill file>", e))?;
+        }
+        Data::Bytes(b) => {
+            let end = offset as usize + len;
+            buf.copy_from_slice(b.get(offset as usize..end).ok_or_else(short)?);
+        }
+    }
+    Ok(buf)
+}
+
+impl State {
+    pub(crate) fn new(opts: CompressOptions, bs: u32) -> State {
+        let level = opts.level.unwrap_or(opts.algorithm.default_level());
+        State { opts, bs, level }
+    }
+
+    /// Cut one segment into extents.
+    fn compress_segment(&self, src: &[u8]) -> Vec<Extent> {
+        let bs = self.bs as usize;
+        let cap = self.opts.pcluster_size as usize;
+        let (alg, level) = (self.opts.algorithm, self.level);
+        ENCODER.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if !matches!(&*slot, Some((a, l, _)) if *a == alg && *l == level) {
+                *slot = Some((alg, level, Encoder::new(alg, level)));
+            }
+            let Some((_, _, enc)) = slot.as_mut() else {
+                return Vec::new();
+            };
+            let mut out = Vec::new();
+            let mut pos = 0usize;
+            while pos < src.len() {
+                let rest = &src[pos..src.len().min(pos + EXTENT_MAX)];
+                let fitted = enc.fill(rest, cap).filter(|(n, c)| {
+                    // Worth it only when a block is saved; a leading zero
+                    // byte would be taken for padding.
+                    c.len().div_ceil(bs) < n.div_ceil(bs) && c.first() != Some(&0)
+                });
+                match fitted {
+                    Some((n, c)) => {
+                        let plen = c.len().div_ceil(bs) * bs;
+                        let mut data = vec![0u8; plen - c.len()];
+                        data.extend_from_slice(&c);
+                        out.push(Extent {
+                            len: n as u64,
+                            raw: false,
+                            data,
+                        });
+                        pos += n;
+                    }
+                    None => {
+                        let n = rest.len().min(bs);
+                        let mut data = rest[..n].to_vec();
+                        data.resize(bs, 0);
+                        out.push(Extent {
+                            len: n as u64,
+                            raw: true,
+                            data,
+                        });
+                        pos += n;
+                    }
+                }
+            }
+            out
+        })
+    }
+
+    /// Compress `jobs` (plan index, data, size) and write their pclusters;
+    /// `inode_part(i)` is the size of plan i's inode plus xattr body.
+    /// Files that compression would not shrink are left out of the result
+    /// (and unwritten) for the flat writer.
+    pub(crate) fn compress_files(
+        &mut self,
+        jobs: &[(usize, Data, u64)],
+        out: &mut Out,
+        bar: &indicatif::ProgressBar,
+        inode_part: impl Fn(usize) -> usize,
+    ) -> Result<Vec<(usize, FileResult)>> {
+        let bs = u64::from(self.bs);
+        // Work items: (job, offset, len), in file order.
+        let mut items: Vec<(usize, u64, usize)> = Vec::new();
+        for (j, (_, _, size)) in jobs.iter().enumerate() {
+            if *size <= bs {
+                continue; // one block or less: nothing to save
+            }
+            let mut off = 0;
+            while off < *size {
+                let len = (*size - off).min(SEGMENT);
+                items.push((j, off, len as usize));
+                off += len;
+            }
+        }
+        let mut results = Vec::new();
+        // Extents (len, raw, blocks) of the file being finished, its first
+        // block, and whether its data was written already.
+        let mut cur: Option<(usize, Vec<ExtentMeta>, u64)> = None;
+        let mut i = 0;
+        while i < items.len() {
+            let mut end = i;
+            let mut bytes = 0u64;
+            while end < items.len() && (end == i || bytes + items[end].2 as u64 <= BATCH) {
+                bytes += items[end].2 as u64;
+                end += 1;
+            }
+            let batch = &items[i..end];
+            let done: Vec<Result<Vec<Extent>>> = batch
+                .par_iter()
+                .map(|&(j, off, len)| {
+                    let src = read_segment(&jobs[j].1, off, len)?;
+                    Ok(self.compress_segment(&src))
+                })
+                .collect();
+            let mut done = done.into_iter();
+            let mut k = i;
+            while k < end {
+                // Gather this file's items of the batch.
+                let j = items[k].0;
+                let mut file_exts: Vec<Extent> = Vec::new();
+                let mut last_item = k;
+                while last_item < end && items[last_item].0 == j {
+                    file_exts.extend(done.next().unwrap_or_else(|| Ok(Vec::new()))?);
+                    bar.inc(items[last_item].2 as u64);
+                    last_item += 1;
+                }
+                let starts_here = items[k].1 == 0;
+                let ends_here = last_item == items.len() || items[last_item].0 != j;
+                let size = jobs[j].2;
+                let comp_blocks: u64 = file_exts.iter().map(|e| e.data.len() as u64 / bs).sum();
+                // Entirely in this batch and not smaller: store it flat.
+                if starts_here && ends_here && comp_blocks >= size.div_ceil(bs) {
+                    k = last_item;
+                    continue;
+                }
+                if starts_here {
+                    cur = Some((j, Vec::new(), out.block()));
+                }
+                let Some((_, exts, _)) = cur.as_mut() else {
+                    return Err(Error::input("compression bookkeeping lost a file"));
+                };
+                for e in file_exts {
+                    exts.push((e.len, e.raw, e.data.len() as u64 / bs));
+                    out.write(&e.data)?;
+                }
+                if ends_here {
+                    if let Some((j, exts, start)) = cur.take() {
+                        let (plan, _, size) = &jobs[j];
+                        let r = self.finish_file(&exts, start, *size, inode_part(*plan))?;
+                        results.push((*plan, r));
+                    }
+                }
+                k = last_item;
+            }
+            i = end;
+        }
+        if out.block() > u64::from(u32::MAX) {
+            return Err(Error::input("image too large for 32-bit block addresses"));
+        }
+        Ok(results)
+    }
+
+    /// The map header and compact indexes of a file whose extents start at
+    /// block `start`.
+    fn finish_file(
+        &self,
+        exts: &[(u64, bool, u64)],
+        start: u64,
+        size: u64,
+        inode_part: usize,
+    ) -> Result<FileResult> {
+        let bs = u64::from(self.bs);
+        let bbits = self.bs.trailing_zeros();
+        let big = big_pcluster(&self.opts, self.bs);
+        // Full (per-lcluster) indexes first.
+        let mut lcs: Vec<Lcluster> = Vec::with_capacity(size.div_ceil(bs) as usize);
+        let mut clusterofs = 0u64;
+        let mut pblk = start;
+        for &(len, raw, plen) in exts {
+            let head_type = if raw { TYPE_PLAIN } else { TYPE_HEAD1 };
+            let mut count = len;
+            let mut d0 = 0u64;
+            let mut d1 = (clusterofs + count) >> bbits;
+            if d1 == 0 {
+                lcs.push(Lcluster::Head(head_type, clusterofs as u16));
+                clusterofs = 0;
+                pblk += plen;
+                continue;
+            }
+            loop {
+                if d0 == 0 {
+                    lcs.push(Lcluster::Head(head_type, clusterofs as u16));
+                } else if d0 == 1 && big {
+                    lcs.push(Lcluster::NonHead(
+                        plen as u16 | LI_D0_CBLKCNT,
+                        d1.min(0xffff) as u16,
+                    ));
+                } else {
+                    lcs.push(Lcluster::NonHead(
+                        d0.min(u64::from(LI_D0_CBLKCNT) - 1) as u16,
+                        d1.min(0xffff) as u16,
+                    ));
+                }
+                count -= bs - clusterofs;
+                clusterofs = 0;
+                d0 += 1;
+                d1 -= 1;
+                if count < bs {
+                    break;
+                }
+            }
+            clusterofs = count;
+            pblk += plen;
+        }
+        if clusterofs != 0 {
+            lcs.push(Lcluster::Head(TYPE_PLAIN, clusterofs as u16));
+        }
+        let total_blocks = pblk - start;
+
+        let mut advise = 0u16;
+        if bbits <= 12 {
+            advise |= ADVISE_COMPACTED_2B;
+        }
+        if big {
+            // Compact indexes need both bits alike.
+            advise |= ADVISE_BIG_PCLUSTER_1 | ADVISE_BIG_PCLUSTER_2;
+        }
+        let hdr_start = inode_part.next_multiple_of(8);
+        let mpos = hdr_start + 8;
+        let mut inline = vec![0u8; hdr_start - inode_part];
+        inline.extend_from_slice(&0u32.to_le_bytes()); // no inline/fragment data
+        inline.extend_from_slice(&advise.to_le_bytes());
+        inline.push(self.opts.algorithm.id());
+        inline.push(0); // lcluster = block
+        inline.extend_from_slice(&encode_compact(
+            &lcs,
+            mpos,
+            start as u32,
+            big,
+            bbits,
+            advise & ADVISE_COMPACTED_2B != 0,
+        ));
+        Ok(FileResult {
+            layout: format::LAYOUT_COMPRESSED_COMPACT,
+            i_u: total_blocks as u32,
+            inline,
+        })
+    }
+
+    pub(crate) fn incompat(&self) -> u32 {
+        0
+    }
+
+    pub(crate) fn sb_u1(&self) -> u16 {
+        let needs_cfgs = !matches!(self.opts.algorithm, Algorithm::Lz4 | Algorithm::Lz4hc)
+            || big_pcluster(&self.opts, self.bs);
+        if needs_cfgs {
+            1 << self.opts.algorithm.id()
+        } else {
+            0
+        }
+    }
+
+    pub(crate) fn packed_nid(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// One logical cluster's full index.
+#[derive(Debug, Clone, Copy)]
+enum Lcluster {
+    /// A head (type, offset of the extent start in this lcluster).
+    Head(u16, u16),
+    /// A non-head (delta[0], delta[1]).
+    NonHead(u16, u16),
+}
+
+/// Encode full indexes in the compacted format: 4-byte packs until the
+/// indexes are 32-byte aligned, then 2-byte packs of 16, then 4-byte packs.
+/// Each pack ends with the block address of its first pcluster; the rest
+/// follow from the pcluster sizes (one block, or the CBLKCNT of the first
+/// non-head).
+fn encode_compact(
+    lcs: &[Lcluster],
+    mpos: usize,
+    start: u32,
+    big: bool,
+    lclusterbits: u32,
+    two_byte: bool,
+) -> Vec<u8> {
+    let total = lcs.len();
+    let (mut init4, mut c2b, mut end4);
+    if two_byte {
+        init4 = (32 - mpos % 32) / 4;
+        if init4 == 8 {
+            init4 = 0;
+        }
+        if init4 > total {
+            init4 = 0;
+            c2b = 0;
+            end4 = total;
+        } else {
+            c2b = (total - init4) / 16 * 16;
+            end4 = total - init4 - c2b;
+        }
+    } else {
+        init4 = 0;
+        c2b = 0;
+        end4 = total;
+    }
+    let mut out = Vec::new();
+    let mut st = PackState {
+        blkaddr: if big { start } else { start.wrapping_sub(1) },
+        dummy_head: !big,
+        big,
+        lobits: lclusterbits.max(12),
+    };
+    let mut idx = 0;
+    while init4 > 0 {
+        st.pack(&mut out, &lcs[idx..idx + 2], 4);
+        idx += 2;
+        init4 -= 2;
+    }
+    while c2b > 0 {
+        st.pack(&mut out, &lcs[idx..idx + 16], 2);
+        idx += 16;
+        c2b -= 16;
+    }
+    while end4 > 1 {
+        st.pack(&mut out, &lcs[idx..idx + 2], 4);
+        idx += 2;
+        end4 -= 2;
+    }
+    if end4 == 1 {
+        st.pack(&mut out, &[lcs[idx], Lcluster::Head(TYPE_PLAIN, 0)], 4);
+    }
+    out
+}
+
+struct PackState {
+    blkaddr: u32,
+    dummy_head: bool,
+    big: bool,
+    lobits: u32,
+}
+
+impl PackState {
+    fn pack(&mut self, out: &mut Vec<u8>, cv: &[Lcluster], unit: usize) {
+        let vcnt = cv.len();
+        let size = unit * vcnt;
+        let encodebits = (size * 8 - 32) / vcnt;
+        let mut buf = vec![0u8; size];
+        let mut stored = self.blkaddr;
+        let mut blkaddr = self.blkaddr;
+        let mut update = self.big;
+        for (i, lc) in cv.iter().enumerate() {
+            let (ty, offset) = match *lc {
+                Lcluster::NonHead(d0, d1) => {
+                    let off = if d0 & LI_D0_CBLKCNT != 0 {
+                        blkaddr = blkaddr.wrapping_add(u32::from(d0 & !LI_D0_CBLKCNT));
+                        self.dummy_head = false;
+                        d0
+                    } else if i + 1 == vcnt {
+                        d1.min(LI_D0_CBLKCNT - 1)
+                    } else {
+                        d0
+                    };
+                    (TYPE_NONHEAD, off)
+                }
+                Lcluster::Head(ty, ofs) => {
+                    if self.dummy_head {
+                        blkaddr = blkaddr.wrapping_add(1);
+                        if update {
+                            stored = blkaddr;
+                        }
+                    }
+                    self.dummy_head = true;
+                    update = false;
+                    (ty, ofs)
+                }
+            };
+            let v = (u32::from(ty) << self.lobits) | u32::from(offset);
+            let pos = i * encodebits;
+            let word = v << (pos % 8);
+            for b in 0..3 {
+                if let Some(slot) = buf.get_mut(pos / 8 + b) {
+                    *slot |= (word >> (8 * b)) as u8;
+                }
+            }
+        }
+        buf[size - 4..].copy_from_slice(&stored.to_le_bytes());
+        self.blkaddr = blkaddr;
+        out.extend_from_slice(&buf);
+    }
+}

@@ -1,0 +1,64 @@
+//! Compressed images of the corpus tree, one per algorithm (with the
+//! pcluster sizes of the corpus images): the kernel's view equals the
+//! source, fsck.erofs accepts them (decompressing every pcluster), and
+//! immount's reader agrees. Run as root.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use mkfs::{Algorithm, CompressOptions};
+
+fn check(alg: Algorithm, level: Option<i32>, pcluster: u32) -> Vec<u8> {
+    let src = corpus_tree();
+    let work = tempfile::tempdir().unwrap();
+    let opts = mkfs::Options {
+        compress: Some(CompressOptions {
+            algorithm: alg,
+            level,
+            pcluster_size: pcluster,
+            ztailpacking: false,
+            fragments: false,
+            dedupe: false,
+        }),
+        ..Default::default()
+    };
+    build_and_check(src, &opts, work.path())
+}
+
+#[test]
+fn lz4() {
+    if is_root() {
+        let a = check(Algorithm::Lz4, None, 4096);
+        let b = check(Algorithm::Lz4, None, 4096);
+        assert!(a == b, "two compressed builds differ");
+    }
+}
+
+#[test]
+fn lz4hc_big_pclusters() {
+    if is_root() {
+        check(Algorithm::Lz4hc, Some(12), 65536);
+    }
+}
+
+#[test]
+fn lzma() {
+    if is_root() {
+        check(Algorithm::Lzma, None, 65536);
+    }
+}
+
+#[test]
+fn deflate() {
+    if is_root() {
+        check(Algorithm::Deflate, None, 32768);
+    }
+}
+
+#[test]
+fn zstd() {
+    if is_root() {
+        check(Algorithm::Zstd, None, 131072);
+    }
+}
