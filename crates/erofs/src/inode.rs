@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::image::Image;
+use crate::le::{le16, le32, le64};
 
 /// Bytes of one inode slot; a nid counts slots.
 pub const ISLOT_SIZE: u64 = 32;
@@ -177,18 +178,6 @@ pub struct Inode {
     pub(crate) compressed_blocks: u64,
     /// A directory whose "." entry is not stored.
     pub dot_omitted: bool,
-}
-
-fn le16(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-fn le64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// The kernel's `new_decode_dev`, which gives a 32-bit `dev_t` laid out as

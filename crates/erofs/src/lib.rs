@@ -17,6 +17,7 @@ pub mod dir;
 pub mod error;
 pub mod image;
 pub mod inode;
+mod le;
 pub mod read;
 pub mod superblock;
 pub mod walk;

@@ -1,6 +1,7 @@
 //! The superblock: 128 bytes (plus extension slots) at offset 1024.
 
 use crate::error::{Error, Result};
+use crate::le::{le16, le32, le64};
 use crate::read::ReadAt;
 
 /// Byte offset of the superblock in the primary device.
@@ -175,18 +176,6 @@ pub struct Superblock {
     /// Per-algorithm configuration records (algorithm id, raw payload), in
     /// on-disk order, when COMPR_CFGS is set.
     pub compr_cfgs: Vec<(u8, Vec<u8>)>,
-}
-
-fn le16(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-fn le32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-}
-fn le64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(a)
 }
 
 /// The crc32c of the Linux kernel (`crc32c(~0, ...)` with no final

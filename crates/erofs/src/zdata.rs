@@ -16,6 +16,7 @@ use crate::decompress::{
 use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::inode::{DataLayout, Inode};
+use crate::le::{le16, le32};
 use crate::superblock::{incompat, Superblock};
 
 const ADVISE_COMPACTED_2B: u16 = 0x0001;
@@ -169,13 +170,6 @@ struct Recorder {
 
 fn zc(inode: &Inode, what: impl Into<String>) -> Error {
     Error::corrupt_nid(inode.nid, what)
-}
-
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
 /// One compacted index entry: `lobits` bits of value then 2 bits of type,

@@ -59,10 +59,12 @@ pub fn assert_same_manifest(what: &str, ours: &[serde_json::Value], kernel: &[se
     );
 }
 
-/// `immount manifest` of a corpus image, with its devices.
-pub fn our_manifest(name: &str) -> Vec<serde_json::Value> {
+/// Run `immount SUB IMAGE [REST...] --device ...` on corpus image `name`
+/// with its extra devices; panics unless it succeeds.
+pub fn immount_on_corpus(sub: &str, name: &str, rest: &[&std::ffi::OsStr]) -> Output {
     let img = corpus().join(format!("{name}.erofs"));
-    let mut args: Vec<std::ffi::OsString> = vec!["manifest".into(), img.into()];
+    let mut args: Vec<std::ffi::OsString> = vec![sub.into(), img.into()];
+    args.extend(rest.iter().map(|r| r.to_os_string()));
     for d in devices_of(name) {
         args.push("--device".into());
         args.push(d.into());
@@ -71,8 +73,13 @@ pub fn our_manifest(name: &str) -> Vec<serde_json::Value> {
     let out = immount(&refs);
     assert!(
         out.status.success(),
-        "immount manifest {name} failed: {}",
+        "immount {sub} {name} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    parse_lines(&out.stdout)
+    out
+}
+
+/// `immount manifest` of a corpus image, with its devices.
+pub fn our_manifest(name: &str) -> Vec<serde_json::Value> {
+    parse_lines(&immount_on_corpus("manifest", name, &[]).stdout)
 }

@@ -22,19 +22,7 @@ fn manifest_py(dir: &std::path::Path) -> Vec<serde_json::Value> {
 fn round_trip(name: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dest = tmp.path().join("tree");
-    let img = corpus().join(format!("{name}.erofs"));
-    let mut args: Vec<std::ffi::OsString> = vec!["extract".into(), img.into(), dest.clone().into()];
-    for d in devices_of(name) {
-        args.push("--device".into());
-        args.push(d.into());
-    }
-    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    let out = immount(&refs);
-    assert!(
-        out.status.success(),
-        "extract {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    immount_on_corpus("extract", name, &[dest.as_os_str()]);
     assert_same_manifest(name, &manifest_py(&dest), &kernel_manifest(name));
 }
 
