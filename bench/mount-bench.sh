@@ -7,11 +7,18 @@
 #   env IMMOUNT=PATH    the immount binary (default: target/release/immount,
 #                       else target/release/immount-fuse, which is the same code)
 #   env WORK=DIR        scratch directory (default /tmp/immount-bench)
+#   env IMG=PATH        an EROFS image made already (skips making the tree)
+#   env SQ=PATH         a squashfs image of the same tree for squashfuse_ll
+#   env ROOTFS=DIR      the tree (for its size in the table)
+#   env EROFSFUSE=PATH  erofsfuse to compare with (default: from PATH)
+#   env IMMOUNT_OPTS=.. -o options for immount (e.g. lowmem)
 #
 # For each driver it prints: time to mount, cold and warm stat walk of the
 # whole tree, cold and warm read of every file (tar to a pipe), peak RSS of
-# the server process, and the page cache grown by one cold read of
-# everything; then each figure's ratio to the kernel's in the same run.
+# the server process, the page cache grown by one cold read of everything
+# (all of the machine's "Cached": noisy when others are busy) and how much
+# of the image file itself stays cached after it (fincore); then each
+# figure's ratio to the kernel's in the same run.
 # Cold means: page cache dropped and a fresh mount.
 #
 # Needs: erofs-utils (mkfs.erofs), squashfs-tools + squashfuse (optional),
@@ -34,29 +41,34 @@ fi
 [ -n "${IMMOUNT:-}" ] || { echo "build immount first (cargo build --release) or set IMMOUNT" >&2; exit 2; }
 
 mkdir -p "$WORK"
-ROOTFS=$WORK/rootfs
-"$SHARED/bench/make-rootfs.sh" "$ROOTFS"
-
-IMG=$WORK/rootfs-$COMP.erofs
-if [ ! -e "$IMG" ]; then
-    case $COMP in
-        none) mkfs.erofs --quiet "$IMG" "$ROOTFS/" ;;
-        lz4hc) mkfs.erofs --quiet -zlz4hc -C65536 "$IMG" "$ROOTFS/" ;;
-        *) echo "compression must be none or lz4hc" >&2; exit 2 ;;
-    esac
+EROFSFUSE=${EROFSFUSE:-$(command -v erofsfuse || true)}
+if [ -z "${IMG:-}" ]; then
+    ROOTFS=${ROOTFS:-$WORK/rootfs}
+    "$SHARED/bench/make-rootfs.sh" "$ROOTFS"
+    IMG=$WORK/rootfs-$COMP.erofs
+    if [ ! -e "$IMG" ]; then
+        case $COMP in
+            none) mkfs.erofs --quiet "$IMG" "$ROOTFS/" ;;
+            lz4hc) mkfs.erofs --quiet -zlz4hc -C65536 "$IMG" "$ROOTFS/" ;;
+            *) echo "compression must be none or lz4hc" >&2; exit 2 ;;
+        esac
+    fi
 fi
-SQ=$WORK/rootfs-$COMP.squashfs
-if command -v squashfuse_ll >/dev/null && command -v mksquashfs >/dev/null && [ ! -e "$SQ" ]; then
-    if [ "$COMP" = none ]; then
-        mksquashfs "$ROOTFS/" "$SQ" -noI -noD -noF -noX -quiet -no-progress >/dev/null
-    else
-        mksquashfs "$ROOTFS/" "$SQ" -comp lz4 -Xhc -b 65536 -quiet -no-progress >/dev/null
+if [ -z "${SQ:-}" ]; then
+    SQ=$WORK/rootfs-$COMP.squashfs
+    if command -v squashfuse_ll >/dev/null && command -v mksquashfs >/dev/null && [ ! -e "$SQ" ] \
+        && [ -d "${ROOTFS:-}" ]; then
+        if [ "$COMP" = none ]; then
+            mksquashfs "$ROOTFS/" "$SQ" -noI -noD -noF -noX -quiet -no-progress >/dev/null
+        else
+            mksquashfs "$ROOTFS/" "$SQ" -comp lz4 -Xhc -b 65536 -quiet -no-progress >/dev/null
+        fi
     fi
 fi
 
 DRIVERS="kernel immount"
-command -v erofsfuse >/dev/null && DRIVERS="$DRIVERS erofsfuse"
-[ -e "$SQ" ] && DRIVERS="$DRIVERS squashfuse_ll"
+[ -n "$EROFSFUSE" ] && [ -x "$EROFSFUSE" ] && DRIVERS="$DRIVERS erofsfuse"
+command -v squashfuse_ll >/dev/null && [ -e "$SQ" ] && DRIVERS="$DRIVERS squashfuse_ll"
 
 MP=$WORK/mnt
 mkdir -p "$MP"
@@ -70,8 +82,8 @@ cached_kib() { awk '/^Cached:/ {print $2}' /proc/meminfo; }
 do_mount() {
     case $1 in
         kernel) mount -t erofs -o ro,loop "$IMG" "$MP" ;;
-        immount) "$IMMOUNT" mount "$IMG" "$MP" ;;
-        erofsfuse) erofsfuse "$IMG" "$MP" >/dev/null 2>&1 ;;
+        immount) "$IMMOUNT" mount ${IMMOUNT_OPTS:+-o "$IMMOUNT_OPTS"} "$IMG" "$MP" ;;
+        erofsfuse) "$EROFSFUSE" "$IMG" "$MP" >/dev/null 2>&1 ;;
         squashfuse_ll) squashfuse_ll "$SQ" "$MP" ;;
     esac
 }
@@ -97,6 +109,8 @@ for run in $(seq "$RUNS"); do
         before=$(cached_kib)
         t_cold_read=$(timed read_all)
         after=$(cached_kib)
+        src=$IMG; [ "$d" = squashfuse_ll ] && src=$SQ
+        img_cached=$(( $(fincore -n -b -o RES "$src" 2>/dev/null || echo 0) / 1048576 ))
         t_warm_read=$(timed read_all)
         pid=$(server_pid)
         rss=0
@@ -105,27 +119,29 @@ for run in $(seq "$RUNS"); do
         fi
         do_umount
         growth=$(( (after - before) / 1024 ))
-        echo "$d $t_mount $t_cold_stat $t_warm_stat $t_cold_read $t_warm_read $((rss / 1024)) $growth" >> "$RESULTS"
-        echo "run $run $d: mount $t_mount s, stat cold $t_cold_stat warm $t_warm_stat, read cold $t_cold_read warm $t_warm_read, rss ${rss} KiB, cache +${growth} MiB" >&2
+        echo "$d $t_mount $t_cold_stat $t_warm_stat $t_cold_read $t_warm_read $((rss / 1024)) $growth $img_cached" >> "$RESULTS"
+        echo "run $run $d: mount $t_mount s, stat cold $t_cold_stat warm $t_warm_stat, read cold $t_cold_read warm $t_warm_read, rss ${rss} KiB, cache +${growth} MiB, image cached ${img_cached} MiB" >&2
     done
 done
 
-python3 - "$RESULTS" "$COMP" "$(du -sbL "$ROOTFS/" 2>/dev/null | tail -n1 | cut -f1)" <<'EOF'
+echo "image: $IMG; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+python3 - "$RESULTS" "$COMP" "$(du -sbL "${ROOTFS:-/nonexistent}/" 2>/dev/null | tail -n1 | cut -f1)" <<'EOF'
 import statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
     f = line.split()
     rows.setdefault(f[0], []).append([float(x) for x in f[1:]])
-names = ["mount s", "stat cold s", "stat warm s", "read cold s", "read warm s", "server RSS MiB", "cache growth MiB"]
+names = ["mount s", "stat cold s", "stat warm s", "read cold s", "read warm s", "server RSS MiB", "cache growth MiB", "image cached MiB"]
 med = {d: [statistics.median(c) for c in zip(*v)] for d, v in rows.items()}
 k = med["kernel"]
-print(f"image: {sys.argv[2]}, tree {int(sys.argv[3]) / 1e6:.0f} MB, median of {len(rows['kernel'])} runs")
+tree = f", tree {int(sys.argv[3]) / 1e6:.0f} MB" if sys.argv[3] else ""
+print(f"image: {sys.argv[2]}{tree}, median of {len(rows['kernel'])} runs")
 print("| driver | " + " | ".join(names) + " |")
 print("|---" * (len(names) + 1) + "|")
 for d, m in med.items():
     cells = []
     for i, v in enumerate(m):
         ratio = "" if d == "kernel" or k[i] == 0 else f" ({v / k[i]:.2f}x)"
-        cells.append(f"{v:.3f}{ratio}" if i < 5 else f"{v:.0f}{ratio if i == 6 else ''}")
+        cells.append(f"{v:.3f}{ratio}" if i < 5 else f"{v:.0f}{ratio if i >= 6 else ''}")
     print(f"| {d} | " + " | ".join(cells) + " |")
 EOF

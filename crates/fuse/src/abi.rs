@@ -55,6 +55,36 @@ pub mod opcode {
     pub const RENAME2: u32 = 45;
     pub const LSEEK: u32 = 46;
     pub const COPY_FILE_RANGE: u32 = 47;
+
+    /// The name of an opcode, for logs and request counts.
+    pub fn name(op: u32) -> String {
+        let known = match op {
+            LOOKUP => "LOOKUP",
+            FORGET => "FORGET",
+            GETATTR => "GETATTR",
+            SETATTR => "SETATTR",
+            READLINK => "READLINK",
+            OPEN => "OPEN",
+            READ => "READ",
+            STATFS => "STATFS",
+            RELEASE => "RELEASE",
+            FLUSH => "FLUSH",
+            GETXATTR => "GETXATTR",
+            LISTXATTR => "LISTXATTR",
+            INIT => "INIT",
+            OPENDIR => "OPENDIR",
+            READDIR => "READDIR",
+            RELEASEDIR => "RELEASEDIR",
+            ACCESS => "ACCESS",
+            INTERRUPT => "INTERRUPT",
+            DESTROY => "DESTROY",
+            BATCH_FORGET => "BATCH_FORGET",
+            READDIRPLUS => "READDIRPLUS",
+            LSEEK => "LSEEK",
+            _ => return format!("op{op}"),
+        };
+        known.to_owned()
+    }
 }
 
 /// `FUSE_INIT` flags (`fuse_init_in.flags` / `fuse_init_out.flags`).

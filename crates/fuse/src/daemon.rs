@@ -113,6 +113,7 @@ pub fn parse_options(options: &[String], image: &Path) -> Result<ServeOptions, M
             ("dev", None) => out.mount.dev = true,
             ("noacl", None) => out.session.posix_acl = false,
             ("lowmem", None) => out.low_memory = true,
+            ("stats", None) => out.session.stats = true,
             ("fsname", Some(v)) => out.mount.fsname = v.to_owned(),
             ("threads", Some(v)) => {
                 out.session.threads = v

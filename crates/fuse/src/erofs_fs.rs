@@ -1,11 +1,8 @@
-//! [`Filesystem`] for an EROFS image, and the image file source that keeps
-//! the page cache from holding the image beside the files decoded from it.
+//! [`Filesystem`] for an EROFS image.
 
-use std::cell::{Cell, RefCell};
-use std::fs::File;
+use std::cell::RefCell;
 use std::io;
-use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
+use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,66 +11,15 @@ use erofs::{Error, FileType, Image, Inode, ReadAt};
 
 use crate::abi::Attr;
 use crate::filesystem::{DirItem, Filesystem, FsError, Statfs};
+use crate::image_file::{serving_data, ImageFile};
 
 /// EROFS_NAME_LEN: the longest name a directory entry can hold.
 const NAME_LEN: u32 = 255;
 
 thread_local! {
-    /// Set while this thread serves a READ: the image bytes read then are
-    /// file data about to live in the FUSE file's page cache, so their
-    /// copy in the image file's page cache is dropped right away.
-    static SERVING_DATA: Cell<bool> = const { Cell::new(false) };
     /// The inode this thread read data from last, keyed by filesystem id:
     /// consecutive READs of one file skip re-parsing its inode.
     static LAST_INODE: RefCell<Option<(usize, Inode)>> = const { RefCell::new(None) };
-}
-
-/// An image (or extra device) file read with `pread`.
-///
-/// While a READ is served, each range read is then dropped from the page
-/// cache with `posix_fadvise(DONTNEED)`: the decoded data is cached by the
-/// kernel in the FUSE file's pages, and keeping the image pages too would
-/// double the memory used (the kernel's own loop mount does exactly that).
-/// Only pages wholly inside the range go, so metadata that shares a page
-/// with the data stays cached. Metadata reads (lookups, attributes,
-/// listings) keep their pages.
-#[derive(Debug)]
-pub struct ImageFile {
-    file: File,
-    size: u64,
-}
-
-impl ImageFile {
-    /// Open `path` read-only. With `low_memory`, the kernel does no
-    /// readahead on it: readahead pulls file data next to the metadata we
-    /// read into the page cache where nothing drops it (measured: about
-    /// 70% of an uncompressed image stays cached after reading every file),
-    /// but without it cold reads of many small files take about twice as
-    /// long. Speed is the default.
-    pub fn open(path: &Path, low_memory: bool) -> io::Result<ImageFile> {
-        let file = File::open(path)?;
-        let size = ReadAt::size(&file)?;
-        if low_memory {
-            let _ = immount_sys::fuse::fadvise_random(file.as_fd());
-        }
-        Ok(ImageFile { file, size })
-    }
-}
-
-impl ReadAt for ImageFile {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        FileExt::read_exact_at(&self.file, buf, offset)?;
-        if SERVING_DATA.with(Cell::get) {
-            // Advice only: a failure changes nothing but memory use.
-            let _ =
-                immount_sys::fuse::fadvise_dontneed(self.file.as_fd(), offset, buf.len() as u64);
-        }
-        Ok(())
-    }
-
-    fn size(&self) -> io::Result<u64> {
-        Ok(self.size)
-    }
 }
 
 static NEXT_FS_ID: AtomicUsize = AtomicUsize::new(1);
@@ -84,6 +30,7 @@ pub struct ErofsFs {
     image: Arc<Image>,
     id: usize,
     blkszbits: u8,
+    fds: Vec<RawFd>,
 }
 
 impl ErofsFs {
@@ -94,7 +41,13 @@ impl ErofsFs {
             image,
             id: NEXT_FS_ID.fetch_add(1, Ordering::Relaxed),
             blkszbits,
+            fds: Vec::new(),
         }
+    }
+
+    /// The descriptors the image is read from (for a sandbox to keep open).
+    pub fn fds(&self) -> &[RawFd] {
+        &self.fds
     }
 
     /// Open the image at `path` with its extra devices (`low_memory`: see
@@ -102,17 +55,21 @@ impl ErofsFs {
     pub fn open(path: &Path, devices: &[&Path], low_memory: bool) -> Result<ErofsFs, OpenError> {
         let primary = ImageFile::open(path, low_memory)
             .map_err(|e| OpenError::Io(path.display().to_string(), e))?;
+        let mut fds = vec![primary.fd()];
         let mut extra: Vec<Arc<dyn ReadAt>> = Vec::new();
         for d in devices {
             let f = ImageFile::open(d, low_memory)
                 .map_err(|e| OpenError::Io(d.display().to_string(), e))?;
+            fds.push(f.fd());
             extra.push(Arc::new(f));
         }
         let image = Image::open_with_devices(Arc::new(primary), extra).map_err(OpenError::Image)?;
         // Check the root now so a broken image fails the mount, not the
         // first request.
         image.inode(image.root_nid()).map_err(OpenError::Image)?;
-        Ok(ErofsFs::new(Arc::new(image)))
+        let mut fs = ErofsFs::new(Arc::new(image));
+        fs.fds = fds;
+        Ok(fs)
     }
 
     fn inode(&self, nid: u64) -> Result<Inode, FsError> {
@@ -236,10 +193,7 @@ impl Filesystem for ErofsFs {
         if offset >= inode.size {
             return Ok(0);
         }
-        SERVING_DATA.with(|s| s.set(true));
-        let r = self.image.read(&inode, offset, buf);
-        SERVING_DATA.with(|s| s.set(false));
-        r.map_err(fs_error)
+        serving_data(|| self.image.read(&inode, offset, buf)).map_err(fs_error)
     }
 
     fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {

@@ -4,6 +4,8 @@
 //! - [`abi`]: the wire structs of `include/uapi/linux/fuse.h`, bounds-checked.
 //! - [`filesystem`]: the read-only filesystem interface the server serves.
 //! - [`erofs_fs`]: that interface for an EROFS image.
+//! - [`image_file`]: the image as the reader reads it, data around the
+//!   page cache.
 //! - [`server`]: INIT negotiation and the worker threads.
 //! - [`mount`]: mounting (directly or through fusermount3) and unmounting.
 //! - [`daemon`]: `immount mount` end to end, with backgrounding.
@@ -17,6 +19,7 @@ pub mod abi;
 pub mod daemon;
 pub mod erofs_fs;
 pub mod filesystem;
+pub mod image_file;
 pub mod mount;
 pub mod server;
 

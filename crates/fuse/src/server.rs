@@ -21,6 +21,7 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::abi::{self, init_flags, opcode, Attr, Cursor, InHeader};
@@ -50,6 +51,10 @@ pub struct SessionConfig {
     /// Ask the kernel to enforce POSIX ACLs from our xattrs (needs the
     /// `default_permissions` mount option, which we always pass).
     pub posix_acl: bool,
+    /// Count requests per opcode and print the counts to stderr when the
+    /// session ends (a debugging aid: which requests the kernel still sends
+    /// on a warm cache).
+    pub stats: bool,
 }
 
 impl Default for SessionConfig {
@@ -57,9 +62,13 @@ impl Default for SessionConfig {
         SessionConfig {
             threads: 4,
             posix_acl: true,
+            stats: false,
         }
     }
 }
+
+/// Opcodes counted by [`SessionConfig::stats`]: every one we know is below.
+const COUNTED_OPCODES: usize = 64;
 
 /// A FUSE connection to serve.
 pub struct Session {
@@ -78,10 +87,14 @@ impl std::fmt::Debug for Session {
 }
 
 /// State shared by the workers of one session.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     logged: Mutex<HashSet<u64>>,
     blksize: u32,
+    /// The caller uid that may see `trusted.*` names (see [`may_list_trusted`]).
+    trusted_uid: Option<u32>,
+    /// Requests per opcode, when counting.
+    counts: Option<Vec<AtomicU64>>,
 }
 
 impl Session {
@@ -89,6 +102,9 @@ impl Session {
     /// about to be).
     pub fn new(dev: File, fs: Arc<dyn Filesystem>, config: SessionConfig) -> Session {
         let blksize = fs.statfs().bsize.max(512);
+        let counts = config
+            .stats
+            .then(|| (0..COUNTED_OPCODES).map(|_| AtomicU64::new(0)).collect());
         Session {
             dev,
             fs,
@@ -96,6 +112,8 @@ impl Session {
             shared: Arc::new(Shared {
                 logged: Mutex::new(HashSet::new()),
                 blksize,
+                trusted_uid: trusted_uid(),
+                counts,
             }),
         }
     }
@@ -134,8 +152,10 @@ impl Session {
         }
         let mut want = init_flags::ASYNC_READ
             | init_flags::PARALLEL_DIROPS
+            // Always READDIRPLUS (no READDIRPLUS_AUTO): with AUTO the kernel
+            // asks for plain READDIR after the first page of a listing and
+            // then LOOKUPs every entry of it on the first stat.
             | init_flags::DO_READDIRPLUS
-            | init_flags::READDIRPLUS_AUTO
             | init_flags::CACHE_SYMLINKS
             | init_flags::NO_OPEN_SUPPORT
             | init_flags::NO_OPENDIR_SUPPORT
@@ -180,6 +200,7 @@ impl Session {
                 .spawn(move || worker.run())?;
             handles.push(h);
         }
+        let shared = self.shared.clone();
         let result = Worker::new(self.dev, self.fs, self.shared).run();
         for h in handles {
             match h.join() {
@@ -187,7 +208,60 @@ impl Session {
                 Err(_) => return Err(io::Error::other("a FUSE worker thread panicked")),
             }
         }
+        if let Some(counts) = &shared.counts {
+            let seen: Vec<String> = counts
+                .iter()
+                .enumerate()
+                .filter_map(|(op, n)| {
+                    let n = n.load(Ordering::Relaxed);
+                    (n > 0).then(|| format!("{}={n}", opcode::name(op as u32)))
+                })
+                .collect();
+            eprintln!("immount: requests: {}", seen.join(" "));
+        }
         result
+    }
+}
+
+/// Which caller uid may list `trusted.*` attributes, as the kernel's EROFS
+/// lists them only to callers with `CAP_SYS_ADMIN` in the initial user
+/// namespace (and the VFS refuses their values to anyone else before a
+/// request reaches us). Root of the initial namespace qualifies; when the
+/// server itself runs in a user namespace, uid 0 there is no such caller,
+/// so nobody does. Decided once, before any sandbox hides `/proc`.
+fn trusted_uid() -> Option<u32> {
+    match std::fs::read_to_string("/proc/self/uid_map") {
+        Ok(map) => {
+            let identity = map.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f == ["0", "0", "4294967295"]
+            });
+            identity.then_some(0)
+        }
+        // No /proc: assume the common case, the initial namespace.
+        Err(_) => Some(0),
+    }
+}
+
+/// Whether the caller of a request may list `trusted.*` names: its uid is
+/// the privileged one and, when its status can be read, `CAP_SYS_ADMIN` is
+/// among its effective capabilities (a root process that dropped it is
+/// refused by the kernel too).
+fn may_list_trusted(trusted_uid: Option<u32>, h: &InHeader) -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    if trusted_uid != Some(h.uid) {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", h.pid)) else {
+        return true;
+    };
+    let caps = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok());
+    match caps {
+        Some(caps) => caps & (1 << CAP_SYS_ADMIN) != 0,
+        None => true,
     }
 }
 
@@ -297,6 +371,14 @@ impl Worker {
             // A request we cannot even parse has no unique id to answer.
             return true;
         };
+        if let Some(n) = self
+            .shared
+            .counts
+            .as_ref()
+            .and_then(|c| c.get(h.opcode as usize))
+        {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
         match h.opcode {
             opcode::FORGET | opcode::BATCH_FORGET | opcode::INTERRUPT => return true,
             opcode::DESTROY => {
@@ -402,7 +484,12 @@ impl Worker {
             }
             opcode::LISTXATTR => {
                 let size = c.u32().map_err(bad)?;
-                let names = self.fs.listxattr(self.ino_of(h.nodeid)?)?;
+                let mut names = self.fs.listxattr(self.ino_of(h.nodeid)?)?;
+                if names.iter().any(|n| n.starts_with(b"trusted."))
+                    && !may_list_trusted(self.shared.trusted_uid, h)
+                {
+                    names.retain(|n| !n.starts_with(b"trusted."));
+                }
                 let mut list = Vec::new();
                 for n in names {
                     list.extend_from_slice(&n);

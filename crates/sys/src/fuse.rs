@@ -159,6 +159,28 @@ pub fn fadvise_dontneed(file: BorrowedFd<'_>, offset: u64, len: u64) -> io::Resu
     rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::DontNeed).map_err(to_io)
 }
 
+/// Start reading `offset..offset+len` of `file` into the page cache in the
+/// background (`posix_fadvise(WILLNEED)`).
+pub fn fadvise_willneed(file: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    let Some(len) = std::num::NonZeroU64::new(len) else {
+        return Ok(());
+    };
+    rustix::fs::fadvise(file, offset, Some(len), rustix::fs::Advice::WillNeed).map_err(to_io)
+}
+
+/// Read from `offset` only what the page cache already holds
+/// (`preadv2(RWF_NOWAIT)`): the count read, possibly short or 0 when the
+/// first byte is not cached (`EAGAIN` is reported as 0). Other errors, such
+/// as `EOPNOTSUPP` where the filesystem cannot tell, are returned.
+pub fn pread_cached(file: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut iov = [io::IoSliceMut::new(buf)];
+    match rustix::io::preadv2(file, &mut iov, offset, rustix::io::ReadWriteFlags::NOWAIT) {
+        Ok(n) => Ok(n),
+        Err(rustix::io::Errno::AGAIN) => Ok(0),
+        Err(e) => Err(to_io(e)),
+    }
+}
+
 /// Tell the kernel that `file` is read at random: no readahead, so only the
 /// pages asked for enter the page cache.
 pub fn fadvise_random(file: BorrowedFd<'_>) -> io::Result<()> {
