@@ -18,6 +18,29 @@ fn read32(s: &[u8], i: usize) -> u32 {
     u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]])
 }
 
+fn read64(s: &[u8], i: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&s[i..i + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// Length of the common run of `src[a..]` and `src[b..]` (a < b), not
+/// going past `end`, eight bytes at a time.
+fn common_len(src: &[u8], a: usize, b: usize, start: usize, end: usize) -> usize {
+    let mut len = start;
+    while b + len + 8 <= end {
+        let x = read64(src, a + len) ^ read64(src, b + len);
+        if x != 0 {
+            return len + (x.trailing_zeros() / 8) as usize;
+        }
+        len += 8;
+    }
+    while b + len < end && src[a + len] == src[b + len] {
+        len += 1;
+    }
+    len
+}
+
 fn hash(v: u32) -> usize {
     (v.wrapping_mul(2_654_435_761) >> (32 - HASH_BITS)) as usize
 }
@@ -44,54 +67,72 @@ fn push_len(out: &mut Vec<u8>, mut len: usize) {
 }
 
 /// Encoder state, reusable across calls (the tables are large).
+///
+/// Positions are stored as `base + pos + 1` so that a call never has to
+/// clear the tables: entries below the current `base` are stale.
 #[derive(Debug)]
 pub struct Lz4Encoder {
-    head: Vec<i32>,
+    head: Vec<u32>,
     chain: Vec<u16>,
     depth: u32,
+    base: u32,
+    next_base: u32,
 }
+
+/// Stop searching once a match is this long.
+const NICE_LEN: usize = 256;
 
 impl Lz4Encoder {
     /// `depth` candidates are tried per position (1 = fast LZ4).
     pub fn new(depth: u32) -> Lz4Encoder {
         Lz4Encoder {
-            head: vec![-1; 1 << HASH_BITS],
+            head: vec![0; 1 << HASH_BITS],
             chain: vec![0; MAX_DISTANCE + 1],
             depth: depth.max(1),
+            base: 0,
+            next_base: 0,
         }
     }
 
     fn insert(&mut self, src: &[u8], pos: usize) {
         let h = hash(read32(src, pos));
-        let prev = self.head[h];
-        let delta = if prev < 0 {
-            0
-        } else {
-            (pos - prev as usize).min(MAX_DISTANCE)
+        if self.depth == 1 {
+            // Plain LZ4 looks at one candidate: no chain to keep.
+            self.head[h] = self.base + pos as u32 + 1;
+            return;
+        }
+        let stored = self.head[h];
+        let delta = match self.local(stored) {
+            Some(prev) => (pos - prev).min(MAX_DISTANCE),
+            None => 0,
         };
         self.chain[pos & MAX_DISTANCE] = delta as u16;
-        self.head[h] = pos as i32;
+        self.head[h] = self.base + pos as u32 + 1;
+    }
+
+    /// A stored position of this call, if it is one.
+    fn local(&self, stored: u32) -> Option<usize> {
+        (stored > self.base).then(|| (stored - self.base - 1) as usize)
     }
 
     /// The longest match at `pos` ending at most at `end`: (length, offset).
     fn find(&self, src: &[u8], pos: usize, end: usize) -> Option<(usize, usize)> {
         let h = hash(read32(src, pos));
-        let mut cand = self.head[h];
+        let mut cand = self.local(self.head[h]);
         let mut best: Option<(usize, usize)> = None;
         let mut tries = self.depth;
-        while cand >= 0 && tries > 0 {
-            let c = cand as usize;
-            if c >= pos || pos - c > MAX_DISTANCE {
+        let want = read32(src, pos);
+        while let Some(c) = cand {
+            if tries == 0 || c >= pos || pos - c > MAX_DISTANCE {
                 break;
             }
-            if src[c..c + MIN_MATCH] == src[pos..pos + MIN_MATCH] {
-                let mut len = MIN_MATCH;
-                while pos + len < end && src[c + len] == src[pos + len] {
-                    len += 1;
-                }
-                if best.is_none_or(|(bl, _)| len > bl) {
+            let bl = best.map(|b| b.0).unwrap_or(MIN_MATCH - 1);
+            // Cheap reject: a longer match must agree at its new last byte.
+            if pos + bl < end && src[c + bl] == src[pos + bl] && read32(src, c) == want {
+                let len = common_len(src, c, pos, MIN_MATCH, end);
+                if len > bl {
                     best = Some((len, pos - c));
-                    if pos + len == end {
+                    if pos + len == end || len >= NICE_LEN {
                         break;
                     }
                 }
@@ -100,7 +141,7 @@ impl Lz4Encoder {
             if d == 0 || d > c {
                 break;
             }
-            cand = (c - d) as i32;
+            cand = Some(c - d);
             tries -= 1;
         }
         best
@@ -109,7 +150,13 @@ impl Lz4Encoder {
     /// Compress a prefix of `src` into at most `cap` bytes. Returns the
     /// number of input bytes consumed and the block.
     pub fn compress_dest(&mut self, src: &[u8], cap: usize) -> (usize, Vec<u8>) {
-        self.head.fill(-1);
+        let span = u32::try_from(src.len() + MAX_DISTANCE + 2).unwrap_or(u32::MAX);
+        if self.next_base.checked_add(span).is_none_or(|e| e > 1 << 31) {
+            self.head.fill(0);
+            self.next_base = 0;
+        }
+        self.base = self.next_base;
+        self.next_base += span;
         let mut out = Vec::with_capacity(cap);
         let n = src.len();
         let mut anchor = 0usize;
@@ -120,13 +167,28 @@ impl Lz4Encoder {
         if n > MF_LIMIT {
             let match_limit = n - MF_LIMIT;
             let match_end = n - LAST_LITERALS;
+            let lazy = self.depth > 1;
+            let mut misses = 0usize;
             while ip < match_limit {
                 let found = self.find(src, ip, match_end);
                 self.insert(src, ip);
-                let Some((mlen, off)) = found else {
-                    ip += 1;
+                let Some((mut mlen, mut off)) = found else {
+                    // Skip faster through data that does not compress.
+                    misses += 1;
+                    ip += if lazy { 1 } else { 1 + (misses >> 6) };
                     continue;
                 };
+                misses = 0;
+                // Lazy step (HC): a longer match one byte later wins.
+                if lazy && ip + 1 < match_limit {
+                    if let Some((l2, o2)) = self.find(src, ip + 1, match_end) {
+                        if l2 > mlen + 1 {
+                            self.insert(src, ip + 1);
+                            ip += 1;
+                            (mlen, off) = (l2, o2);
+                        }
+                    }
+                }
                 let lits = ip - anchor;
                 let cost = 1 + len_extra(lits) + lits + 2 + len_extra(mlen - MIN_MATCH);
                 if out.len() + cost + RESERVE > cap {

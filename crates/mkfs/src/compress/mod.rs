@@ -52,7 +52,7 @@ impl Algorithm {
             Algorithm::Lz4 => 1,
             Algorithm::Lz4hc => 9,
             Algorithm::Lzma => 6,
-            Algorithm::Deflate => 6,
+            Algorithm::Deflate => 1,
             Algorithm::Zstd => 3,
         }
     }
