@@ -17,6 +17,13 @@ pub struct MountArgs {
     /// An extra device of the image (repeat, in the image's device order).
     #[arg(long = "device", value_name = "PATH")]
     pub devices: Vec<PathBuf>,
+    /// Serve without the sandbox (for debugging only): the process that
+    /// parses the image then keeps every right it was started with.
+    #[arg(long = "no-sandbox")]
+    pub no_sandbox: bool,
+    /// Print what confinement is in place once the mount is ready.
+    #[arg(long = "sandbox-report")]
+    pub sandbox_report: bool,
     /// Append the background server's messages (image faults) to FILE.
     #[arg(long = "log", value_name = "FILE")]
     pub log: Option<PathBuf>,
@@ -38,9 +45,17 @@ pub struct UmountArgs {
 /// mounted, 1 for an image that cannot be served, 2 for anything else.
 pub fn run_mount(args: MountArgs) -> anyhow::Result<i32> {
     let notifier = fuse::daemon::ReadyNotifier::from_env();
+    if args.no_sandbox && notifier.is_none() {
+        eprintln!("immount: warning: --no-sandbox: the server parses the image unconfined");
+    }
     if !args.foreground && notifier.is_none() {
         return Ok(match fuse::daemon::spawn_background(args.log.as_deref()) {
-            Ok(()) => 0,
+            Ok(text) => {
+                if !text.trim().is_empty() {
+                    eprintln!("immount: {}", text.trim_end());
+                }
+                0
+            }
             Err(e) => report(&e),
         });
     }
@@ -54,16 +69,15 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<i32> {
             .flat_map(|o| o.split(','))
             .map(str::to_owned)
             .collect(),
+        no_sandbox: args.no_sandbox,
+        sandbox_report: args.sandbox_report,
     };
-    // The sandbox (crates/sandbox, issue 6) goes here: it runs after the
-    // mount is up and INIT answered, before any request is served.
-    let mut before_serve = || Ok(());
-    Ok(
-        match fuse::daemon::serve(&request, notifier, &mut before_serve) {
-            Ok(()) => 0,
-            Err(e) => report(&e),
-        },
-    )
+    // The server confines itself (crates/sandbox) once the mount is up,
+    // behind a supervisor that keeps the right to unmount.
+    Ok(match fuse::daemon::serve(&request, notifier) {
+        Ok(()) => 0,
+        Err(e) => report(&e),
+    })
 }
 
 fn report(e: &fuse::MountError) -> i32 {

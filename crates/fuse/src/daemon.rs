@@ -1,25 +1,33 @@
-//! `immount mount` end to end: open, mount, serve in the background, and
-//! tell the waiting parent when the mount is ready or why it failed.
+//! `immount mount` end to end: open, mount, confine, serve in the
+//! background, and tell the waiting parent when the mount is ready or why it
+//! failed.
 //!
 //! Backgrounding re-executes the program with the same arguments instead of
 //! forking a process that may already hold threads: the parent starts the
 //! child with [`READY_FD_ENV`] naming the write end of a pipe, the child
 //! does all the work and writes one status message into the pipe, and the
-//! parent exits with it. Status messages: a single `0` byte for "ready",
-//! or an exit-code byte followed by a one-line error.
+//! parent exits with it. Status messages: a `0` byte for "ready" followed
+//! by what the sandbox report says (empty unless asked for), or an
+//! exit-code byte followed by a one-line error.
 //!
-//! The server sets itself up in a fixed order:
-//! 1. block SIGTERM/SIGINT/SIGHUP (inherited by every thread started later);
+//! The server sets itself up in a fixed order, single-threaded until the
+//! sandbox is in place:
+//! 1. block SIGTERM/SIGINT/SIGHUP (inherited by every thread and process
+//!    started later);
 //! 2. open the image and its devices (a bad image fails here, exit code 1);
-//! 3. mount (directly, or through fusermount3) and answer INIT;
-//! 4. start the signal thread, which unmounts and exits on those signals;
-//! 5. call the `before_serve` hook: the place for the sandbox (seccomp,
-//!    Landlock, dropping identity), once everything privileged is done;
-//! 6. report ready, and serve until unmounted.
+//! 3. mount (directly, or through fusermount3) and answer INIT; open the
+//!    `/dev/fuse` clones of the worker threads;
+//! 4. with the sandbox (the default): fork. The parent becomes the
+//!    supervisor: it keeps the right to unmount, which the confined server
+//!    loses, unmounts on those signals (the server then sees the end and
+//!    exits) and after the server ends for any reason, and exits with it.
+//!    The child confines itself (`sandbox::apply`: see crates/sandbox) and
+//!    serves. Without the sandbox, one process does both;
+//! 5. report ready, and serve until unmounted.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -49,6 +57,11 @@ pub struct MountRequest {
     pub devices: Vec<PathBuf>,
     /// `-o` options, already split at commas.
     pub options: Vec<String>,
+    /// Serve unconfined (`--no-sandbox`; for debugging only).
+    pub no_sandbox: bool,
+    /// Say what confinement is in place: to the waiting parent, which
+    /// prints it, or on stderr in the foreground (`--sandbox-report`).
+    pub sandbox_report: bool,
 }
 
 /// A failure with the exit code it deserves.
@@ -154,9 +167,16 @@ impl ReadyNotifier {
             .map(|fd| ReadyNotifier(File::from(fd)))
     }
 
-    /// Tell the parent the mount is ready.
-    pub fn ready(mut self) {
-        let _ = self.0.write_all(&[0]);
+    /// Tell the parent the mount is ready, with a text for it to print
+    /// (empty for none).
+    pub fn ready(mut self, text: &str) {
+        let mut msg = vec![0];
+        msg.extend_from_slice(text.as_bytes());
+        let _ = self.0.write_all(&msg);
+    }
+
+    fn raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
     }
 
     /// Tell the parent why we failed.
@@ -167,37 +187,185 @@ impl ReadyNotifier {
     }
 }
 
-/// Mount and serve in this process until unmounted (or signalled).
-/// `notifier` hears "ready" or the error; `before_serve` runs once the
-/// mount is up, before serving starts (see the module docs).
-pub fn serve(
-    req: &MountRequest,
-    notifier: Option<ReadyNotifier>,
-    before_serve: &mut dyn FnMut() -> Result<(), String>,
-) -> Result<(), MountError> {
-    match setup(req, before_serve) {
-        Ok((session, mounted)) => {
-            if let Some(n) = notifier {
-                n.ready();
-            }
-            let result = session.serve();
-            drop(mounted);
-            result.map_err(|e| MountError::usage(format!("serving failed: {e}")))
+/// Mount and serve until unmounted (or signalled); see the module docs.
+/// `notifier` hears "ready" or the error.
+pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), MountError> {
+    let fail = |notifier: Option<ReadyNotifier>, e: MountError| {
+        if let Some(n) = notifier {
+            n.fail(&e);
         }
+        Err(e)
+    };
+    let (session, mounted, image_fds) = match setup(req) {
+        Ok(s) => s,
+        Err(e) => return fail(notifier, e),
+    };
+    let unconfinable = if req.no_sandbox {
+        None
+    } else {
+        identity_unavailable(sandbox::NOBODY)
+    };
+    if req.no_sandbox || unconfinable.is_some() {
+        if let Err(e) = start_signal_thread(mounted.clone()) {
+            let _ = mounted.unmount();
+            return fail(notifier, e);
+        }
+        // Said always when the sandbox could not run, on demand when it
+        // was turned off (the command line warned already).
+        let text = if req.sandbox_report || unconfinable.is_some() {
+            let why = unconfinable.as_deref().unwrap_or("--no-sandbox");
+            format!("sandbox DISABLED ({why}): the server is not confined")
+        } else {
+            String::new()
+        };
+        let print = !text.is_empty();
+        return serve_ready(session, &mounted, notifier, &text, print);
+    }
+    match sys::fork_single_threaded() {
         Err(e) => {
-            if let Some(n) = notifier {
-                n.fail(&e);
-            }
-            Err(e)
+            let _ = mounted.unmount();
+            fail(
+                notifier,
+                MountError::usage(format!("cannot start the confined server: {e}")),
+            )
+        }
+        Ok(Some(server)) => {
+            // The supervisor: nothing of the server's, only the mount.
+            drop(notifier);
+            drop(session);
+            supervise(server, mounted)
+        }
+        Ok(None) => {
+            let mut keep = session.fds();
+            keep.extend(image_fds);
+            keep.extend(notifier.as_ref().map(ReadyNotifier::raw_fd));
+            keep.push(2);
+            let config = sandbox::SandboxConfig {
+                keep_fds: keep,
+                ..sandbox::SandboxConfig::default()
+            };
+            let report = match sandbox::apply(&config) {
+                Ok(r) => r,
+                // Partly confined: report and end; the supervisor unmounts.
+                Err(e) => {
+                    return fail(
+                        notifier,
+                        MountError::usage(format!("sandbox setup failed: {e}")),
+                    )
+                }
+            };
+            let text = if req.sandbox_report {
+                report.to_string()
+            } else {
+                String::new()
+            };
+            serve_ready(session, &mounted, notifier, &text, req.sandbox_report)
         }
     }
 }
 
-fn setup(
-    req: &MountRequest,
-    before_serve: &mut dyn FnMut() -> Result<(), String>,
-) -> Result<(Session, Arc<mount::Mounted>), MountError> {
-    let opts = parse_options(&req.options, &req.image)?;
+/// Why the sandbox cannot run here, if it cannot: started as root of a user
+/// namespace (`unshare -Ur`) that maps no `uid`/`gid` but 0, the sandbox
+/// finds no identity to switch to and fails half-way. Such a "root" is a
+/// plain user outside, and the mount works unconfined.
+fn identity_unavailable(id: u32) -> Option<String> {
+    if rustix::process::geteuid().as_raw() != 0 {
+        return None;
+    }
+    let maps = |file: &str| -> Option<bool> {
+        let text = std::fs::read_to_string(file).ok()?;
+        Some(text.lines().any(|l| {
+            let f: Vec<u64> = l
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            matches!(f[..], [inside, _, count] if (inside..inside + count).contains(&u64::from(id)))
+        }))
+    };
+    match (maps("/proc/self/uid_map"), maps("/proc/self/gid_map")) {
+        (Some(true), Some(true)) | (None, _) | (_, None) => None,
+        _ => Some(format!(
+            "this user namespace maps no uid/gid {id} for the sandbox to switch to"
+        )),
+    }
+}
+
+/// Report ready and serve until unmounted.
+fn serve_ready(
+    session: Session,
+    mounted: &mount::Mounted,
+    notifier: Option<ReadyNotifier>,
+    text: &str,
+    print: bool,
+) -> Result<(), MountError> {
+    match notifier {
+        Some(n) => n.ready(text),
+        None if print => eprintln!("immount: {}", text.trim_end()),
+        None => {}
+    }
+    let result = session.serve();
+    let _ = mounted;
+    result.map_err(|e| MountError::usage(format!("serving failed: {e}")))
+}
+
+/// Unmount on SIGTERM/SIGINT/SIGHUP, then exit.
+fn start_signal_thread(mounted: Arc<mount::Mounted>) -> Result<(), MountError> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if sys::wait_termination_signal().is_ok() {
+                let _ = mounted.unmount();
+                std::process::exit(0);
+            }
+        })
+        .map(drop)
+        .map_err(|e| MountError::usage(format!("cannot start a thread: {e}")))
+}
+
+/// The supervisor's part: unmount on a termination signal (the server then
+/// sees the end and exits), wait for the server, unmount whatever it left,
+/// and say why it ended if it did not end well.
+fn supervise(server: u32, mounted: Arc<mount::Mounted>) -> Result<(), MountError> {
+    // Keep only the standard streams (and the fusermount3 socket, owned by
+    // `mounted`); drop every capability but the one to unmount.
+    let _ = sandbox::prepare_supervisor(&supervisor_fds(&mounted));
+    let on_signal = mounted.clone();
+    let signals = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if sys::wait_termination_signal().is_ok() {
+                let _ = on_signal.unmount();
+            }
+        });
+    if let Err(e) = signals {
+        eprintln!("immount: cannot start a thread: {e}");
+    }
+    let status = sandbox::supervise(server, |_| {
+        // Gone already when unmounted by a user or by a signal above.
+        let _ = mounted.unmount();
+    })
+    .map_err(|e| MountError::usage(format!("waiting for the server: {e}")))?;
+    if status.success() {
+        return Ok(());
+    }
+    let why = sandbox::explain_exit(status, b"").unwrap_or_else(|| status.to_string());
+    Err(MountError::usage(format!("the server ended: {why}")))
+}
+
+/// The descriptors a supervisor keeps: the standard streams and what
+/// `mounted` owns.
+fn supervisor_fds(mounted: &mount::Mounted) -> Vec<RawFd> {
+    let mut keep = vec![0, 1, 2];
+    keep.extend(mounted.fds());
+    keep
+}
+
+fn setup(req: &MountRequest) -> Result<(Session, Arc<mount::Mounted>, Vec<RawFd>), MountError> {
+    let mut opts = parse_options(&req.options, &req.image)?;
+    if !req.no_sandbox {
+        // Confined, the server may not open /proc to look at its callers.
+        opts.session.read_proc = false;
+    }
     sys::block_termination_signals()
         .map_err(|e| MountError::usage(format!("cannot block signals: {e}")))?;
     let devices: Vec<&Path> = req.devices.iter().map(PathBuf::as_path).collect();
@@ -215,6 +383,7 @@ fn setup(
             }
         }
     })?;
+    let image_fds = fs.fds().to_vec();
     let (dev, mounted) = mount::mount(&req.mountpoint, &opts.mount).map_err(|e| {
         MountError::usage(format!("cannot mount on {}: {e}", req.mountpoint.display()))
     })?;
@@ -225,27 +394,17 @@ fn setup(
         return Err(MountError::usage(format!("FUSE handshake failed: {e}")));
     }
     mount::raise_readahead(mounted.mountpoint(), opts.readahead_kib);
-    let on_signal = mounted.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if sys::wait_termination_signal().is_ok() {
-                let _ = on_signal.unmount();
-                std::process::exit(0);
-            }
-        })
-        .map_err(|e| MountError::usage(format!("cannot start a thread: {e}")))?;
-    if let Err(e) = before_serve() {
+    if let Err(e) = session.prepare_workers() {
         let _ = mounted.unmount();
-        return Err(MountError::usage(format!("sandbox setup failed: {e}")));
+        return Err(MountError::usage(format!("cannot clone /dev/fuse: {e}")));
     }
-    Ok((session, mounted))
+    Ok((session, mounted, image_fds))
 }
 
 /// Start this program again in the background with the same arguments and
-/// wait until it reports the mount ready (`Ok`) or fails (`Err` with its
-/// message and exit code). The child's output goes to `log`, or nowhere.
-pub fn spawn_background(log: Option<&Path>) -> Result<(), MountError> {
+/// wait until it reports the mount ready (`Ok` with the text it sent, such
+/// as a sandbox report) or fails (`Err` with its message and exit code). The child's output goes to `log`, or nowhere.
+pub fn spawn_background(log: Option<&Path>) -> Result<String, MountError> {
     let io_err = |what: &str, e: std::io::Error| MountError::usage(format!("{what}: {e}"));
     let (read_end, write_end) = sys::pipe().map_err(|e| io_err("pipe", e))?;
     sys::set_cloexec(write_end.as_fd(), false).map_err(|e| io_err("fcntl", e))?;
@@ -282,7 +441,9 @@ pub fn spawn_background(log: Option<&Path>) -> Result<(), MountError> {
         }
     };
     if got == 1 && first[0] == 0 {
-        return Ok(());
+        let mut text = String::new();
+        let _ = reader.take(64 * 1024).read_to_string(&mut text);
+        return Ok(text);
     }
     if got == 1 {
         let mut rest = String::new();

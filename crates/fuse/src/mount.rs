@@ -48,6 +48,10 @@ pub enum Mounted {
         mountpoint: PathBuf,
         /// Our end of the socket fusermount3 watches.
         _socket: OwnedFd,
+        /// fusermount3 itself, which lives on watching the socket. Not
+        /// waited for by a thread: the server must stay single-threaded
+        /// until it is confined; the process reaps it when it ends.
+        _helper: std::process::Child,
     },
 }
 
@@ -56,6 +60,14 @@ impl Mounted {
     pub fn mountpoint(&self) -> &Path {
         match self {
             Mounted::Direct { mountpoint } | Mounted::Fusermount { mountpoint, .. } => mountpoint,
+        }
+    }
+
+    /// The descriptors this owns (the fusermount3 socket, if any).
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        match self {
+            Mounted::Direct { .. } => Vec::new(),
+            Mounted::Fusermount { _socket, .. } => vec![_socket.as_raw_fd()],
         }
     }
 
@@ -150,18 +162,14 @@ fn mount_with_fusermount(mountpoint: &Path, opts: &MountOptions) -> io::Result<(
         )
     })?;
     match sys::recv_fd(ours.as_fd())? {
-        Some(fd) => {
-            // With auto_unmount, fusermount3 lives on watching the socket:
-            // reap it in the background so it does not linger as a zombie.
-            std::thread::spawn(move || child.wait());
-            Ok((
-                File::from(fd),
-                Mounted::Fusermount {
-                    mountpoint: mountpoint.to_owned(),
-                    _socket: ours,
-                },
-            ))
-        }
+        Some(fd) => Ok((
+            File::from(fd),
+            Mounted::Fusermount {
+                mountpoint: mountpoint.to_owned(),
+                _socket: ours,
+                _helper: child,
+            },
+        )),
         None => {
             let status = child.wait()?;
             Err(io::Error::other(format!(

@@ -55,6 +55,9 @@ pub struct SessionConfig {
     /// session ends (a debugging aid: which requests the kernel still sends
     /// on a warm cache).
     pub stats: bool,
+    /// Whether the server may read `/proc/PID/status` of a caller (to check
+    /// its capabilities); off in a sandbox, where opening files is fatal.
+    pub read_proc: bool,
 }
 
 impl Default for SessionConfig {
@@ -63,6 +66,7 @@ impl Default for SessionConfig {
             threads: 4,
             posix_acl: true,
             stats: false,
+            read_proc: true,
         }
     }
 }
@@ -76,6 +80,9 @@ pub struct Session {
     fs: Arc<dyn Filesystem>,
     config: SessionConfig,
     shared: Arc<Shared>,
+    /// `/dev/fuse` files for the other workers, made in advance by
+    /// [`Session::prepare_workers`].
+    worker_devs: Vec<File>,
 }
 
 impl std::fmt::Debug for Session {
@@ -93,6 +100,7 @@ struct Shared {
     blksize: u32,
     /// The caller uid that may see `trusted.*` names (see [`may_list_trusted`]).
     trusted_uid: Option<u32>,
+    read_proc: bool,
     /// Requests per opcode, when counting.
     counts: Option<Vec<AtomicU64>>,
 }
@@ -113,9 +121,36 @@ impl Session {
                 logged: Mutex::new(HashSet::new()),
                 blksize,
                 trusted_uid: trusted_uid(),
+                read_proc: config.read_proc,
                 counts,
             }),
+            worker_devs: Vec::new(),
         }
+    }
+
+    /// Open the `/dev/fuse` files of the other workers now, while the
+    /// process may still open files (a sandbox forbids it later). Where
+    /// `/dev/fuse` cannot be opened (a plain user when it is mode 0600,
+    /// behind fusermount3), the workers share one file, which also works.
+    pub fn prepare_workers(&mut self) -> io::Result<()> {
+        let threads = self.config.threads.clamp(1, 64);
+        while self.worker_devs.len() + 1 < threads {
+            let dev = match immount_sys::fuse::clone_dev_fuse(self.dev.as_fd()) {
+                Ok(dev) => dev,
+                Err(_) => self.dev.try_clone()?,
+            };
+            self.worker_devs.push(dev);
+        }
+        Ok(())
+    }
+
+    /// Every descriptor the session serves on, for a sandbox to keep.
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        std::iter::once(&self.dev)
+            .chain(&self.worker_devs)
+            .map(AsRawFd::as_raw_fd)
+            .collect()
     }
 
     /// Answer the kernel's INIT request. Call once, after mounting and
@@ -181,19 +216,18 @@ impl Session {
     }
 
     /// Serve requests until the filesystem is unmounted. Starts
-    /// `config.threads - 1` more threads on cloned `/dev/fuse` files and
-    /// serves on this one too; returns when all have seen the end.
-    pub fn serve(self) -> io::Result<()> {
-        let threads = self.config.threads.clamp(1, 64);
+    /// `config.threads - 1` more threads on cloned `/dev/fuse` files (see
+    /// [`Session::prepare_workers`]) and serves on this one too; returns
+    /// when all have seen the end.
+    pub fn serve(mut self) -> io::Result<()> {
+        // A clone has its own processing queue, so workers do not contend.
+        self.prepare_workers()?;
         let mut handles = Vec::new();
-        for i in 1..threads {
-            // A clone has its own processing queue; where /dev/fuse cannot
-            // be opened (a plain user when it is mode 0600, behind
-            // fusermount3), threads share one file, which also works.
-            let dev = match immount_sys::fuse::clone_dev_fuse(self.dev.as_fd()) {
-                Ok(dev) => dev,
-                Err(_) => self.dev.try_clone()?,
-            };
+        for (i, dev) in std::mem::take(&mut self.worker_devs)
+            .into_iter()
+            .enumerate()
+        {
+            let i = i + 1;
             let worker = Worker::new(dev, self.fs.clone(), self.shared.clone());
             let h = std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
@@ -244,13 +278,16 @@ fn trusted_uid() -> Option<u32> {
 }
 
 /// Whether the caller of a request may list `trusted.*` names: its uid is
-/// the privileged one and, when its status can be read, `CAP_SYS_ADMIN` is
-/// among its effective capabilities (a root process that dropped it is
-/// refused by the kernel too).
-fn may_list_trusted(trusted_uid: Option<u32>, h: &InHeader) -> bool {
+/// the privileged one and, when its status may and can be read,
+/// `CAP_SYS_ADMIN` is among its effective capabilities (a root process that
+/// dropped it is refused by the kernel too).
+fn may_list_trusted(trusted_uid: Option<u32>, read_proc: bool, h: &InHeader) -> bool {
     const CAP_SYS_ADMIN: u32 = 21;
     if trusted_uid != Some(h.uid) {
         return false;
+    }
+    if !read_proc {
+        return true;
     }
     let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", h.pid)) else {
         return true;
@@ -486,7 +523,7 @@ impl Worker {
                 let size = c.u32().map_err(bad)?;
                 let mut names = self.fs.listxattr(self.ino_of(h.nodeid)?)?;
                 if names.iter().any(|n| n.starts_with(b"trusted."))
-                    && !may_list_trusted(self.shared.trusted_uid, h)
+                    && !may_list_trusted(self.shared.trusted_uid, self.shared.read_proc, h)
                 {
                     names.retain(|n| !n.starts_with(b"trusted."));
                 }

@@ -875,3 +875,119 @@ fn reading_everything_does_not_cache_the_image_twice() {
         );
     }
 }
+
+/// Processes whose command line names `needle`, with their parent pids.
+fn processes_naming(needle: &str) -> Vec<(u32, u32)> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if !String::from_utf8_lossy(&cmdline).contains(needle) {
+            continue;
+        }
+        let status = std::fs::read_to_string(e.path().join("status")).unwrap_or_default();
+        let ppid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        found.push((pid, ppid));
+    }
+    found
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// By default the server confines itself behind a supervisor: the process
+/// that parses the image runs as nobody with no capabilities, no_new_privs
+/// and a seccomp filter, and when it dies (killed here) the supervisor
+/// unmounts, so the mount point never stays dead (ENOTCONN).
+#[test]
+fn the_server_is_confined_and_its_supervisor_cleans_up() {
+    require_root!();
+    let dir = TempDir::new("sandbox");
+    let mp = dir.0.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let out = Command::new(bin())
+        .args(["mount", "--sandbox-report"])
+        .arg(corpus_dir().join("images/plain.erofs"))
+        .arg(&mp)
+        .output()
+        .unwrap();
+    let guard = MountGuard {
+        mountpoint: mp.canonicalize().unwrap(),
+    };
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("seccomp"), "no sandbox report: {report}");
+    assert!(std::fs::read_dir(&guard.mountpoint).unwrap().count() > 3);
+    let procs = processes_naming(guard.mountpoint.to_str().unwrap());
+    let (server, supervisor) = procs
+        .iter()
+        .copied()
+        .find(|(_, ppid)| procs.iter().any(|(p, _)| p == ppid))
+        .expect("a supervisor and its server");
+    assert_eq!(
+        status_field(server, "Uid:").split_whitespace().next(),
+        Some("65534")
+    );
+    assert_eq!(status_field(server, "CapEff:"), "0000000000000000");
+    assert_eq!(status_field(server, "NoNewPrivs:"), "1");
+    assert_eq!(status_field(server, "Seccomp:"), "2");
+    // Still serving once confined.
+    let (file, sum) = sample_file(&corpus_dir());
+    let out = Command::new("sha256sum")
+        .arg(format!("{}{file}", guard.mountpoint.display()))
+        .output()
+        .unwrap();
+    assert_eq!(sha256_of(&out.stdout), sum);
+    // The server dies: the supervisor unmounts and exits.
+    let st = Command::new("kill")
+        .args(["-KILL", &server.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_until("the supervisor unmounted", Duration::from_secs(10), || {
+        !is_mounted(&guard.mountpoint)
+    });
+    wait_until("the supervisor exited", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{supervisor}")).exists()
+            || status_field(supervisor, "State:").starts_with('Z')
+    });
+}
+
+/// `--no-sandbox` serves unconfined (and says so).
+#[test]
+fn no_sandbox_serves_unconfined() {
+    require_root!();
+    let dir = TempDir::new("nosandbox");
+    let mp = dir.0.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let out = Command::new(bin())
+        .args(["mount", "--no-sandbox"])
+        .arg(corpus_dir().join("images/plain.erofs"))
+        .arg(&mp)
+        .output()
+        .unwrap();
+    let guard = MountGuard {
+        mountpoint: mp.canonicalize().unwrap(),
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("warning"), "no warning: {stderr}");
+    let procs = processes_naming(guard.mountpoint.to_str().unwrap());
+    assert_eq!(procs.len(), 1, "one unconfined server, no supervisor");
+    assert_eq!(status_field(procs[0].0, "Seccomp:"), "0");
+    umount(&guard.mountpoint);
+}

@@ -299,3 +299,27 @@ mod tests {
         assert!(recv_fd(b.as_fd()).unwrap().is_none());
     }
 }
+
+/// `fork(2)`, only while this process has a single thread: `Ok(None)` in
+/// the child, `Ok(Some(pid))` in the parent. Used to split a supervisor
+/// (which keeps the right to unmount) from a server about to confine
+/// itself. A process with more threads is refused, because the child would
+/// inherit locks held by threads that do not exist in it.
+pub fn fork_single_threaded() -> io::Result<Option<u32>> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "cannot fork a process with {threads} threads"
+        )));
+    }
+    // SAFETY: with one thread (checked just above; this process starts no
+    // thread concurrently, as it has no other), the child is a complete
+    // copy in which no lock is held by a missing thread, so both processes
+    // may go on running ordinary Rust code.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        pid => Ok(Some(pid.unsigned_abs())),
+    }
+}
