@@ -43,6 +43,13 @@
 #   cold  page cache dropped, fresh mount / fresh process
 #   hot   image file already in the page cache, fresh mount / fresh process:
 #         nothing decoded is cached, so this is the decode + walk cost alone.
+# and, for the hot read of the offline and kreadall drivers, the CPU seconds
+# spent (user + system of the reader; for the kernel also the CPU time of all
+# kworker threads meanwhile, where EROFS decompresses, so approximate when
+# other jobs use the kernel too). On a loaded machine with autogroup
+# scheduling the kworkers do not share the session's CPU share while a
+# userspace reader does, so wall-clock ratios favour the kernel there; the
+# CPU ratio does not.
 set -euo pipefail
 
 RUNS=${RUNS:-5}
@@ -131,6 +138,19 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 now() { date +%s.%N; }
+# Sum of user + system ticks of every kworker thread.
+kworker_ticks() {
+    local p c
+    for p in /proc/[0-9]*; do
+        c=$(cat "$p/comm" 2> /dev/null) || continue
+        case $c in kworker*) awk '{ print $14 + $15 }' "$p/stat" 2> /dev/null || true ;; esac
+    done | awk '{ s += $1 } END { printf "%d", s }'
+}
+HZ=$(getconf CLK_TCK)
+CPUF=$WORK/cpu.txt
+# Run a command, leaving its user + system seconds in $CPUF.
+cpu_timed() { /usr/bin/time -f "%U %S" -o "$CPUF" "$@"; }
+cpu_of() { awk '{ printf "%.3f", $1 + $2 }' "$CPUF"; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 read_tree() { tar -C "$MP" -cf - . 2>/dev/null | cat > /dev/null; }
 wait_mounted() {
@@ -154,9 +174,10 @@ do_mount() { # driver image
     wait_mounted
 }
 
-# Time one read of the whole tree by a driver; prints seconds.
+# Time one read of the whole tree by a driver; prints seconds and CPU
+# seconds ("-" when not measured).
 time_read() { # driver image
-    local d=$1 img=$2 t0 t1
+    local d=$1 img=$2 t0 t1 cpu=- k0 k1
     case $d in
         kernel | fuse | erofsfuse)
             do_mount "$d" "$img"
@@ -167,17 +188,20 @@ time_read() { # driver image
             do_mount kernel "$img"
             local n=1
             [ "$d" = kreadallN ] && n=$THREADS
-            t0=$(now); "$READ_ALL" "$MP" "$n" > /dev/null; t1=$(now)
+            k0=$(kworker_ticks)
+            t0=$(now); cpu_timed "$READ_ALL" "$MP" "$n" > /dev/null; t1=$(now)
+            k1=$(kworker_ticks)
+            cpu=$(awk -v c="$(cpu_of)" -v k=$((k1 - k0)) -v hz="$HZ" 'BEGIN { printf "%.3f", c + k / hz }')
             do_umount
             ;;
         fsck)
-            t0=$(now); "$IMMOUNT" fsck "$img" > /dev/null; t1=$(now) ;;
+            t0=$(now); cpu_timed "$IMMOUNT" fsck "$img" > /dev/null; t1=$(now); cpu=$(cpu_of) ;;
         readall)
-            t0=$(now); "$READ_ALL" "$img" 1 > /dev/null; t1=$(now) ;;
+            t0=$(now); cpu_timed "$READ_ALL" "$img" 1 > /dev/null; t1=$(now); cpu=$(cpu_of) ;;
         readallN)
-            t0=$(now); "$READ_ALL" "$img" "$THREADS" > /dev/null; t1=$(now) ;;
+            t0=$(now); cpu_timed "$READ_ALL" "$img" "$THREADS" > /dev/null; t1=$(now); cpu=$(cpu_of) ;;
     esac
-    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }'
+    awk -v a="$t0" -v b="$t1" -v c="$cpu" 'BEGIN { printf "%.3f %s\n", b - a, c }'
 }
 
 # Time a manifest of the whole tree; the kernel's includes mount and umount.
@@ -207,6 +231,7 @@ data_bytes() { # image
 echo "read-bench: $(date -u +%FT%TZ), $(nproc) cores, RUNS=$RUNS, THREADS=$THREADS" >&2
 echo "immount: $IMMOUNT; read_all: ${READ_ALL:-none}; erofsfuse: ${EROFSFUSE:-none}; mkfs: ${MKFS:-none}" >&2
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+AUTOGROUP=$(cat /proc/sys/kernel/sched_autogroup_enabled 2> /dev/null || echo "?")
 
 declare -A IMG BYTES
 for a in $ALGS; do
@@ -221,10 +246,10 @@ for run in $(seq "$RUNS"); do
     for a in $ALGS; do
         for d in $active; do
             drop_caches
-            cold=$(time_read "$d" "${IMG[$a]}")
-            hot=$(time_read "$d" "${IMG[$a]}")
-            echo "read $a $d $cold $hot ${BYTES[$a]}" >> "$RESULTS"
-            echo "run $run $a $d: cold $cold s, hot $hot s" >&2
+            read -r cold _ < <(time_read "$d" "${IMG[$a]}")
+            read -r hot cpu < <(time_read "$d" "${IMG[$a]}")
+            echo "read $a $d $cold $hot ${BYTES[$a]} $cpu" >> "$RESULTS"
+            echo "run $run $a $d: cold $cold s, hot $hot s, hot cpu $cpu s" >&2
         done
     done
     for m in $MANIFEST_IMAGES; do
@@ -232,25 +257,26 @@ for run in $(seq "$RUNS"); do
             drop_caches
             cold=$(time_manifest "$d" "${IMG[$m]}")
             hot=$(time_manifest "$d" "${IMG[$m]}")
-            echo "manifest $(basename "${IMG[$m]}") $d $cold $hot 0" >> "$RESULTS"
+            echo "manifest $(basename "${IMG[$m]}") $d $cold $hot 0 -" >> "$RESULTS"
             echo "run $run manifest $(basename "${IMG[$m]}") $d: cold $cold s, hot $hot s" >&2
         done
     done
 done
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
-python3 - "$RESULTS" "$RUNS" "$LOAD_START" "$LOAD_END" <<'EOF'
+python3 - "$RESULTS" "$RUNS" "$LOAD_START" "$LOAD_END" "$AUTOGROUP" <<'EOF'
 import statistics, sys
-path, runs, load0, load1 = sys.argv[1:5]
+path, runs, load0, load1, autogroup = sys.argv[1:6]
 rows = {}
 for line in open(path):
-    kind, img, drv, cold, hot, nbytes = line.split()
-    rows.setdefault((kind, img), {}).setdefault(drv, []).append((float(cold), float(hot), int(nbytes)))
+    kind, img, drv, cold, hot, nbytes, cpu = line.split()
+    cpu = float(cpu) if cpu != "-" else None
+    rows.setdefault((kind, img), {}).setdefault(drv, []).append((float(cold), float(hot), int(nbytes), cpu))
 
 def med(v, i):
     return statistics.median(x[i] for x in v)
 
-print(f"median of {runs} runs; load average {load0} at start, {load1} at end")
+print(f"median of {runs} runs; load average {load0} at start, {load1} at end; sched_autogroup_enabled={autogroup}")
 print("lower ratio is better; 1.00 = as fast as the kernel in the same run")
 print()
 reads = [(k, v) for k, v in rows.items() if k[0] == "read"]
@@ -261,8 +287,8 @@ if reads:
     print("## Read every file (cold: page cache dropped, fresh mount; hot: image file cached, fresh mount,")
     print("## nothing decoded cached). ratio = time / time of the kernel figure named in `vs`.")
     print()
-    print("| image | driver | vs | cold s | cold MB/s | cold ratio | hot s | hot MB/s | hot ratio |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| image | driver | vs | cold s | cold MB/s | cold ratio | hot s | hot MB/s | hot ratio | hot CPU s | CPU ratio |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for (_, img), drivers in reads:
         for drv, v in drivers.items():
             base = BASE[drv]
@@ -272,6 +298,12 @@ if reads:
             cells.append(f"{c / med(k, 0):.2f}" if k else "-")
             cells += [f"{h:.3f}", f"{n / h / 1e6:.0f}" if h else "-"]
             cells.append(f"{h / med(k, 1):.2f}" if k else "-")
+            if v[0][3] is not None:
+                cpu = med(v, 3)
+                cells.append(f"{cpu:.2f}")
+                cells.append(f"{cpu / med(k, 3):.2f}" if k and k[0][3] is not None and med(k, 3) else "-")
+            else:
+                cells += ["", ""]
             print("| " + " | ".join(cells) + " |")
     print()
     print("MB = 10^6 bytes of file data, each hard-linked file once: " +
