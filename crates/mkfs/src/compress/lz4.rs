@@ -115,6 +115,19 @@ impl Lz4Encoder {
         (stored > self.base).then(|| (stored - self.base - 1) as usize)
     }
 
+    /// Plain LZ4: the one candidate of `pos`'s hash, which `pos` replaces.
+    fn find_fast(&mut self, src: &[u8], pos: usize, end: usize) -> Option<(usize, usize)> {
+        let v = read32(src, pos);
+        let h = hash(v);
+        let cand = self.local(self.head[h]);
+        self.head[h] = self.base + pos as u32 + 1;
+        let c = cand?;
+        if c >= pos || pos - c > MAX_DISTANCE || read32(src, c) != v {
+            return None;
+        }
+        Some((common_len(src, c, pos, MIN_MATCH, end), pos - c))
+    }
+
     /// The longest match at `pos` ending at most at `end`: (length, offset).
     fn find(&self, src: &[u8], pos: usize, end: usize) -> Option<(usize, usize)> {
         let h = hash(read32(src, pos));
@@ -170,8 +183,13 @@ impl Lz4Encoder {
             let lazy = self.depth > 1;
             let mut misses = 0usize;
             while ip < match_limit {
-                let found = self.find(src, ip, match_end);
-                self.insert(src, ip);
+                let found = if lazy {
+                    let f = self.find(src, ip, match_end);
+                    self.insert(src, ip);
+                    f
+                } else {
+                    self.find_fast(src, ip, match_end)
+                };
                 let Some((mut mlen, mut off)) = found else {
                     // Skip faster through data that does not compress.
                     misses += 1;
@@ -204,10 +222,15 @@ impl Lz4Encoder {
                 // Index the positions the match covers (cheap for short
                 // matches, bounded for long ones).
                 let stop = (ip + mlen).min(match_limit);
-                let mut p = ip + 1;
-                while p < stop {
-                    self.insert(src, p);
-                    p += if mlen > 64 { 4 } else { 1 };
+                if lazy {
+                    let mut p = ip + 1;
+                    while p < stop {
+                        self.insert(src, p);
+                        p += if mlen > 64 { 4 } else { 1 };
+                    }
+                } else if ip + mlen >= 2 && ip + mlen - 2 < stop {
+                    // As LZ4 does: one position near the match end.
+                    self.insert(src, ip + mlen - 2);
                 }
                 ip += mlen;
                 anchor = ip;

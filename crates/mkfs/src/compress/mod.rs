@@ -259,7 +259,9 @@ impl State {
             let mut pos = 0usize;
             while pos < src.len() {
                 let rest = &src[pos..src.len().min(pos + EXTENT_MAX)];
-                let fitted = enc.fill(rest, cap).filter(|(n, c)| {
+                let attempt = enc.fill(rest, cap);
+                let tried = attempt.as_ref().map(|a| a.0).unwrap_or(0);
+                let fitted = attempt.filter(|(n, c)| {
                     // Worth it only when a block is saved; a leading zero
                     // byte would be taken for padding.
                     c.len().div_ceil(bs) < n.div_ceil(bs) && c.first() != Some(&0)
@@ -277,15 +279,23 @@ impl State {
                         pos += n;
                     }
                     None => {
-                        let n = rest.len().min(bs);
-                        let mut data = rest[..n].to_vec();
-                        data.resize(bs, 0);
-                        out.push(Extent {
-                            len: n as u64,
-                            raw: true,
-                            data,
-                        });
-                        pos += n;
+                        // Store what the encoder looked at as raw blocks,
+                        // rather than compress the same bytes again.
+                        let blocks = (tried / bs).max(1);
+                        for _ in 0..blocks {
+                            if pos >= src.len() {
+                                break;
+                            }
+                            let n = (src.len() - pos).min(bs);
+                            let mut data = src[pos..pos + n].to_vec();
+                            data.resize(bs, 0);
+                            out.push(Extent {
+                                len: n as u64,
+                                raw: true,
+                                data,
+                            });
+                            pos += n;
+                        }
                     }
                 }
             }
