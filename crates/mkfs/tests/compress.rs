@@ -10,6 +10,10 @@ use common::*;
 use mkfs::{Algorithm, CompressOptions};
 
 fn check(alg: Algorithm, level: Option<i32>, pcluster: u32) -> Vec<u8> {
+    check_with(alg, level, pcluster, false)
+}
+
+fn check_with(alg: Algorithm, level: Option<i32>, pcluster: u32, ztail: bool) -> Vec<u8> {
     let src = corpus_tree();
     let work = tempfile::tempdir().unwrap();
     let opts = mkfs::Options {
@@ -17,7 +21,7 @@ fn check(alg: Algorithm, level: Option<i32>, pcluster: u32) -> Vec<u8> {
             algorithm: alg,
             level,
             pcluster_size: pcluster,
-            ztailpacking: false,
+            ztailpacking: ztail,
             fragments: false,
             dedupe: false,
         }),
@@ -60,5 +64,21 @@ fn deflate() {
 fn zstd() {
     if is_root() {
         check(Algorithm::Zstd, None, 131072);
+    }
+}
+
+#[test]
+fn ztailpacking() {
+    if is_root() {
+        let plain = check(Algorithm::Lz4hc, None, 4096);
+        let packed = check_with(Algorithm::Lz4hc, None, 4096, true);
+        assert!(
+            packed.len() < plain.len(),
+            "tail packing saved nothing ({} vs {} bytes)",
+            packed.len(),
+            plain.len()
+        );
+        check_with(Algorithm::Lzma, None, 65536, true);
+        check_with(Algorithm::Zstd, None, 16384, true);
     }
 }

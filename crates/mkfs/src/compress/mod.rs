@@ -67,7 +67,7 @@ pub struct CompressOptions {
     pub level: Option<i32>,
     /// Largest pcluster in bytes (a multiple of the block size).
     pub pcluster_size: u32,
-    /// Tail pclusters inline after the inode (not implemented yet: refused).
+    /// Tail pclusters inline after the inode's indexes when they fit.
     pub ztailpacking: bool,
     /// Tails in the packed inode (not implemented yet: refused).
     pub fragments: bool,
@@ -87,19 +87,23 @@ const DICT_SIZE: u32 = EXTENT_MAX as u32;
 const ADVISE_COMPACTED_2B: u16 = 0x0001;
 const ADVISE_BIG_PCLUSTER_1: u16 = 0x0002;
 const ADVISE_BIG_PCLUSTER_2: u16 = 0x0004;
+const ADVISE_INLINE_PCLUSTER: u16 = 0x0008;
 const LI_D0_CBLKCNT: u16 = 1 << 11;
 const TYPE_PLAIN: u16 = 0;
 const TYPE_HEAD1: u16 = 1;
 const TYPE_NONHEAD: u16 = 2;
 
-/// An extent once written: (input bytes, raw, blocks).
-type ExtentMeta = (u64, bool, u64);
+/// An extent once written: (input bytes, raw, blocks for the index,
+/// blocks written).
+type ExtentMeta = (u64, bool, u64, u64);
 
 /// One extent: `len` input bytes stored in `data` (whole blocks).
 #[derive(Debug)]
 struct Extent {
     len: u64,
     raw: bool,
+    /// Bytes of compressed data at the end of `data` (`len` when raw).
+    clen: usize,
     data: Vec<u8>,
 }
 
@@ -126,9 +130,9 @@ fn check(c: &CompressOptions, bs: u32) -> Result<()> {
             c.pcluster_size
         )));
     }
-    if c.ztailpacking || c.fragments || c.dedupe {
+    if c.fragments || c.dedupe {
         return Err(Error::Option(
-            "ztailpacking, fragments and dedupe are not implemented yet".into(),
+            "fragments and dedupe are not implemented yet".into(),
         ));
     }
     Ok(())
@@ -274,6 +278,7 @@ impl State {
                         out.push(Extent {
                             len: n as u64,
                             raw: false,
+                            clen: c.len(),
                             data,
                         });
                         pos += n;
@@ -292,6 +297,7 @@ impl State {
                             out.push(Extent {
                                 len: n as u64,
                                 raw: true,
+                                clen: n,
                                 data,
                             });
                             pos += n;
@@ -375,14 +381,42 @@ impl State {
                 let Some((_, exts, _)) = cur.as_mut() else {
                     return Err(Error::input("compression bookkeeping lost a file"));
                 };
-                for e in file_exts {
-                    exts.push((e.len, e.raw, e.data.len() as u64 / bs));
-                    out.write(&e.data)?;
+                // With tail packing, the file's last pcluster goes after
+                // its indexes when it fits in the inode's block.
+                let mut tail = None;
+                if ends_here && self.opts.ztailpacking {
+                    if let Some(e) = file_exts.last() {
+                        let meta = inode_part(jobs[j].0).next_multiple_of(8)
+                            + 8
+                            + compact_len(
+                                size.div_ceil(bs) as usize,
+                                inode_part(jobs[j].0),
+                                self.bs,
+                            );
+                        if (e.raw || e.data.len() as u64 == bs) && meta + e.clen <= bs as usize {
+                            let t = if e.raw {
+                                e.data[..e.clen].to_vec()
+                            } else {
+                                e.data[e.data.len() - e.clen..].to_vec()
+                            };
+                            tail = Some(t);
+                        }
+                    }
+                }
+                let n_ext = file_exts.len();
+                for (x, e) in file_exts.into_iter().enumerate() {
+                    let blocks = e.data.len() as u64 / bs;
+                    if tail.is_some() && x + 1 == n_ext {
+                        exts.push((e.len, e.raw, blocks, 0));
+                    } else {
+                        exts.push((e.len, e.raw, blocks, blocks));
+                        out.write(&e.data)?;
+                    }
                 }
                 if ends_here {
                     if let Some((j, exts, start)) = cur.take() {
                         let (plan, _, size) = &jobs[j];
-                        let r = self.finish_file(&exts, start, *size, inode_part(*plan))?;
+                        let r = self.finish_file(&exts, start, *size, inode_part(*plan), tail)?;
                         results.push((*plan, r));
                     }
                 }
@@ -400,10 +434,11 @@ impl State {
     /// block `start`.
     fn finish_file(
         &self,
-        exts: &[(u64, bool, u64)],
+        exts: &[ExtentMeta],
         start: u64,
         size: u64,
         inode_part: usize,
+        tail: Option<Vec<u8>>,
     ) -> Result<FileResult> {
         let bs = u64::from(self.bs);
         let bbits = self.bs.trailing_zeros();
@@ -412,7 +447,7 @@ impl State {
         let mut lcs: Vec<Lcluster> = Vec::with_capacity(size.div_ceil(bs) as usize);
         let mut clusterofs = 0u64;
         let mut pblk = start;
-        for &(len, raw, plen) in exts {
+        for &(len, raw, plen, written) in exts {
             let head_type = if raw { TYPE_PLAIN } else { TYPE_HEAD1 };
             let mut count = len;
             let mut d0 = 0u64;
@@ -420,7 +455,7 @@ impl State {
             if d1 == 0 {
                 lcs.push(Lcluster::Head(head_type, clusterofs as u16));
                 clusterofs = 0;
-                pblk += plen;
+                pblk += written;
                 continue;
             }
             loop {
@@ -446,7 +481,7 @@ impl State {
                 }
             }
             clusterofs = count;
-            pblk += plen;
+            pblk += written;
         }
         if clusterofs != 0 {
             lcs.push(Lcluster::Head(TYPE_PLAIN, clusterofs as u16));
@@ -464,7 +499,12 @@ impl State {
         let hdr_start = inode_part.next_multiple_of(8);
         let mpos = hdr_start + 8;
         let mut inline = vec![0u8; hdr_start - inode_part];
-        inline.extend_from_slice(&0u32.to_le_bytes()); // no inline/fragment data
+        if tail.is_some() {
+            advise |= ADVISE_INLINE_PCLUSTER;
+        }
+        let idata_size = tail.as_ref().map(|t| t.len() as u16).unwrap_or(0);
+        inline.extend_from_slice(&0u16.to_le_bytes());
+        inline.extend_from_slice(&idata_size.to_le_bytes());
         inline.extend_from_slice(&advise.to_le_bytes());
         inline.push(self.opts.algorithm.id());
         inline.push(0); // lcluster = block
@@ -476,6 +516,9 @@ impl State {
             bbits,
             advise & ADVISE_COMPACTED_2B != 0,
         ));
+        if let Some(t) = tail {
+            inline.extend_from_slice(&t);
+        }
         Ok(FileResult {
             layout: format::LAYOUT_COMPRESSED_COMPACT,
             i_u: total_blocks as u32,
@@ -484,7 +527,11 @@ impl State {
     }
 
     pub(crate) fn incompat(&self) -> u32 {
-        0
+        if self.opts.ztailpacking {
+            format::INCOMPAT_ZTAILPACKING
+        } else {
+            0
+        }
     }
 
     pub(crate) fn sb_u1(&self) -> u16 {
@@ -500,6 +547,25 @@ impl State {
     pub(crate) fn packed_nid(&self) -> Option<u64> {
         None
     }
+}
+
+/// Bytes of the compact indexes of `total` lclusters after an inode part
+/// of `inode_part` bytes (the same split as [`encode_compact`]).
+fn compact_len(total: usize, inode_part: usize, bs: u32) -> usize {
+    let mpos = inode_part.next_multiple_of(8) + 8;
+    if bs.trailing_zeros() > 12 {
+        return total.div_ceil(2) * 8;
+    }
+    let mut init4 = (32 - mpos % 32) / 4;
+    if init4 == 8 {
+        init4 = 0;
+    }
+    if init4 > total {
+        return total.div_ceil(2) * 8;
+    }
+    let c2b = (total - init4) / 16 * 16;
+    let end4 = total - init4 - c2b;
+    init4 / 2 * 8 + c2b / 16 * 32 + end4.div_ceil(2) * 8
 }
 
 /// One logical cluster's full index.
