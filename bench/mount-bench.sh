@@ -13,6 +13,8 @@
 #   env EROFSFUSE=PATH  erofsfuse to compare with (default: from PATH)
 #   env IMMOUNT_OPTS=.. -o options for immount (e.g. lowmem)
 #   env IMMOUNT_FLAGS=.. more immount mount flags (e.g. --no-sandbox)
+#   env COMPARE_UNCONFINED=1  also measure immount --no-sandbox (the
+#                       sandbox's cost) in the same runs
 #
 # For each driver it prints: time to mount, cold and warm stat walk of the
 # whole tree, cold and warm read of every file (tar to a pipe), peak RSS of
@@ -68,6 +70,8 @@ if [ -z "${SQ:-}" ]; then
 fi
 
 DRIVERS="kernel immount"
+# The sandbox's cost: immount again, unconfined, in the same runs.
+[ -n "${COMPARE_UNCONFINED:-}" ] && DRIVERS="$DRIVERS immount-nosandbox"
 [ -n "$EROFSFUSE" ] && [ -x "$EROFSFUSE" ] && DRIVERS="$DRIVERS erofsfuse"
 command -v squashfuse_ll >/dev/null && [ -e "$SQ" ] && DRIVERS="$DRIVERS squashfuse_ll"
 
@@ -85,6 +89,8 @@ do_mount() {
         kernel) mount -t erofs -o ro,loop "$IMG" "$MP" ;;
         # shellcheck disable=SC2086
         immount) "$IMMOUNT" mount ${IMMOUNT_FLAGS:-} ${IMMOUNT_OPTS:+-o "$IMMOUNT_OPTS"} "$IMG" "$MP" ;;
+        # shellcheck disable=SC2086
+        immount-nosandbox) "$IMMOUNT" mount --no-sandbox ${IMMOUNT_OPTS:+-o "$IMMOUNT_OPTS"} "$IMG" "$MP" 2>/dev/null ;;
         erofsfuse) "$EROFSFUSE" "$IMG" "$MP" >/dev/null 2>&1 ;;
         squashfuse_ll) squashfuse_ll "$SQ" "$MP" ;;
     esac

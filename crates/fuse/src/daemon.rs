@@ -236,6 +236,10 @@ pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), 
             supervise(server, mounted)
         }
         Ok(None) => {
+            // Per-thread arenas would open a /proc file when they shrink.
+            if let Err(e) = sys::malloc_single_arena() {
+                return fail(notifier, MountError::usage(format!("allocator: {e}")));
+            }
             let mut keep = session.fds();
             keep.extend(image_fds);
             keep.extend(notifier.as_ref().map(ReadyNotifier::raw_fd));

@@ -8,7 +8,8 @@
 //!   page cache.
 //! - [`server`]: INIT negotiation and the worker threads.
 //! - [`mount`]: mounting (directly or through fusermount3) and unmounting.
-//! - [`daemon`]: `immount mount` end to end, with backgrounding.
+//! - [`daemon`]: `immount mount` end to end: backgrounding, and the
+//!   server confined by crates/sandbox behind a supervisor that unmounts.
 //!
 //! Why not the `fuser` crate: it cannot serve from several threads on
 //! cloned `/dev/fuse` files, nor negotiate `max_pages`, which the speed

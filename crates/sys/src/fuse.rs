@@ -323,3 +323,23 @@ pub fn fork_single_threaded() -> io::Result<Option<u32>> {
         pid => Ok(Some(pid.unsigned_abs())),
     }
 }
+
+/// Make glibc's allocator use a single arena (`mallopt(M_ARENA_MAX, 1)`),
+/// before any thread starts. glibc gives threads arenas of their own, and
+/// the first time one of them shrinks it reads
+/// `/proc/sys/vm/overcommit_memory`: an `openat` that a seccomp sandbox
+/// kills the process for, long after start-up. With one arena that never
+/// happens. Elsewhere than glibc, nothing to do.
+pub fn malloc_single_arena() -> io::Result<()> {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only sets an allocator parameter; called while
+        // the process is single-threaded, before any other allocation
+        // races with it.
+        let ok = unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+        if ok != 1 {
+            return Err(io::Error::other("mallopt(M_ARENA_MAX) refused"));
+        }
+    }
+    Ok(())
+}
