@@ -537,13 +537,66 @@ pub fn write_image(tree: &Tree, file: &File, opts: &Options) -> Result<BuildRepo
             }
         }
     }
+    // The packed inode: every fragment, compressed like a file, reachable
+    // only from the superblock.
+    let mut packed_plan = None;
+    if let Some(z) = zstate.as_mut() {
+        let packed = z.take_packed();
+        if opts.compress.as_ref().is_some_and(|c| c.fragments) {
+            let size = packed.len() as u64;
+            plans.push(Plan {
+                node: usize::MAX, // in no directory
+                mode: 0o100600,
+                uid: 0,
+                gid: 0,
+                mtime: epoch,
+                mtime_nsec: fixed_nsec,
+                nlink: 1,
+                size,
+                extended: size > u64::from(u32::MAX),
+                xattr_body: Vec::new(),
+                layout: format::LAYOUT_FLAT_PLAIN,
+                i_u: 0,
+                inline: Vec::new(),
+                dir_inline_len: 0,
+                dir_blocks: 0,
+                nid: 0,
+                parent: tree.root,
+            });
+            let idx = plans.len() - 1;
+            let data = Data::Bytes(Arc::new(packed));
+            let res = z.compress_files(&[(idx, data.clone(), size)], &mut out, &bar, |i| {
+                let p = &plans[i];
+                p.isize() + p.xattr_body.len()
+            })?;
+            if let Some((_, r)) = res.into_iter().next() {
+                let p = &mut plans[idx];
+                p.layout = r.layout;
+                p.i_u = r.i_u;
+                p.inline = r.inline;
+            } else if size > 0 {
+                let mut r = open_data(&data)?;
+                write_flat(
+                    &mut plans[idx],
+                    &mut *r,
+                    &data,
+                    bs,
+                    opts.inline_data,
+                    &mut out,
+                )?;
+            }
+            packed_plan = Some(idx);
+        }
+    }
     bar.finish_and_clear();
     out.pad_block()?;
 
     // Devices keep their number in i_u.
     for p in &mut plans {
-        match tree.nodes[p.node].kind {
-            Kind::CharDev(ma, mi) | Kind::BlockDev(ma, mi) => p.i_u = format::encode_dev(ma, mi),
+        match tree.nodes.get(p.node).map(|n| &n.kind) {
+            Some(&Kind::CharDev(ma, mi)) | Some(&Kind::BlockDev(ma, mi)) => {
+                p.i_u = format::encode_dev(ma, mi)
+            }
             _ => {}
         }
     }
@@ -551,7 +604,7 @@ pub fn write_image(tree: &Tree, file: &File, opts: &Options) -> Result<BuildRepo
     // Directory sizes and inline tails depend only on names.
     let mut dir_names: HashMap<usize, Vec<(Vec<u8>, NodeId)>> = HashMap::new();
     for (i, p) in plans.iter_mut().enumerate() {
-        let Kind::Dir(entries) = &tree.nodes[p.node].kind else {
+        let Some(Kind::Dir(entries)) = tree.nodes.get(p.node).map(|n| &n.kind) else {
             continue;
         };
         let mut names: Vec<(Vec<u8>, NodeId)> = Vec::with_capacity(entries.len() + 2);
@@ -722,8 +775,8 @@ pub fn write_image(tree: &Tree, file: &File, opts: &Options) -> Result<BuildRepo
             incompat |= format::INCOMPAT_COMPR_CFGS;
         }
         sb[84..86].copy_from_slice(&u1.to_le_bytes());
-        if let Some(packed) = z.packed_nid() {
-            sb[96..104].copy_from_slice(&packed.to_le_bytes());
+        if let Some(idx) = packed_plan {
+            sb[96..104].copy_from_slice(&plans[idx].nid.to_le_bytes());
         }
     }
     sb[80..84].copy_from_slice(&incompat.to_le_bytes());

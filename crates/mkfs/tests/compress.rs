@@ -14,6 +14,16 @@ fn check(alg: Algorithm, level: Option<i32>, pcluster: u32) -> Vec<u8> {
 }
 
 fn check_with(alg: Algorithm, level: Option<i32>, pcluster: u32, ztail: bool) -> Vec<u8> {
+    check_full(alg, level, pcluster, ztail, false)
+}
+
+fn check_full(
+    alg: Algorithm,
+    level: Option<i32>,
+    pcluster: u32,
+    ztail: bool,
+    fragments: bool,
+) -> Vec<u8> {
     let src = corpus_tree();
     let work = tempfile::tempdir().unwrap();
     let opts = mkfs::Options {
@@ -22,8 +32,8 @@ fn check_with(alg: Algorithm, level: Option<i32>, pcluster: u32, ztail: bool) ->
             level,
             pcluster_size: pcluster,
             ztailpacking: ztail,
-            fragments: false,
-            dedupe: false,
+            fragments,
+            dedupe: fragments,
         }),
         ..Default::default()
     };
@@ -80,5 +90,21 @@ fn ztailpacking() {
         );
         check_with(Algorithm::Lzma, None, 65536, true);
         check_with(Algorithm::Zstd, None, 16384, true);
+    }
+}
+
+#[test]
+fn fragments_and_dedupe() {
+    if is_root() {
+        let plain = check(Algorithm::Lz4hc, None, 32768);
+        let frag = check_full(Algorithm::Lz4hc, None, 32768, false, true);
+        assert!(
+            frag.len() < plain.len(),
+            "fragments saved nothing ({} vs {} bytes)",
+            frag.len(),
+            plain.len()
+        );
+        check_full(Algorithm::Lzma, None, 65536, false, true);
+        check_full(Algorithm::Lz4, None, 4096, true, true);
     }
 }

@@ -207,6 +207,11 @@ impl Lz4Encoder {
                         }
                     }
                 }
+                // Extend the match backwards over pending literals.
+                while ip > anchor && ip - off > 0 && src[ip - 1] == src[ip - 1 - off] {
+                    ip -= 1;
+                    mlen += 1;
+                }
                 let lits = ip - anchor;
                 let cost = 1 + len_extra(lits) + lits + 2 + len_extra(mlen - MIN_MATCH);
                 if out.len() + cost + RESERVE > cap {

@@ -69,9 +69,11 @@ pub struct CompressOptions {
     pub pcluster_size: u32,
     /// Tail pclusters inline after the inode's indexes when they fit.
     pub ztailpacking: bool,
-    /// Tails in the packed inode (not implemented yet: refused).
+    /// Tails (each file's last extent) in the packed inode, identical tails
+    /// stored once.
     pub fragments: bool,
-    /// Share identical pclusters (not implemented yet: refused).
+    /// Share identical data (only identical fragments so far; refused
+    /// without `fragments`).
     pub dedupe: bool,
 }
 
@@ -88,6 +90,7 @@ const ADVISE_COMPACTED_2B: u16 = 0x0001;
 const ADVISE_BIG_PCLUSTER_1: u16 = 0x0002;
 const ADVISE_BIG_PCLUSTER_2: u16 = 0x0004;
 const ADVISE_INLINE_PCLUSTER: u16 = 0x0008;
+const ADVISE_FRAGMENT_PCLUSTER: u16 = 0x0020;
 const LI_D0_CBLKCNT: u16 = 1 << 11;
 const TYPE_PLAIN: u16 = 0;
 const TYPE_HEAD1: u16 = 1;
@@ -121,6 +124,12 @@ pub(crate) struct State {
     opts: CompressOptions,
     bs: u32,
     level: i32,
+    /// Fragments are being collected (off while the packed inode itself is
+    /// compressed).
+    fragmenting: bool,
+    /// The packed inode's data and where each distinct tail is in it.
+    packed: Vec<u8>,
+    fragment_at: std::collections::HashMap<Vec<u8>, u32>,
 }
 
 fn check(c: &CompressOptions, bs: u32) -> Result<()> {
@@ -130,9 +139,10 @@ fn check(c: &CompressOptions, bs: u32) -> Result<()> {
             c.pcluster_size
         )));
     }
-    if c.fragments || c.dedupe {
+    if c.dedupe && !c.fragments {
         return Err(Error::Option(
-            "fragments and dedupe are not implemented yet".into(),
+            "dedupe of pclusters is not implemented (with fragments, identical tails are shared)"
+                .into(),
         ));
     }
     Ok(())
@@ -243,7 +253,25 @@ fn read_segment(data: &Data, offset: u64, len: usize) -> Result<Vec<u8>> {
 impl State {
     pub(crate) fn new(opts: CompressOptions, bs: u32) -> State {
         let level = opts.level.unwrap_or(opts.algorithm.default_level());
-        State { opts, bs, level }
+        let fragmenting = opts.fragments;
+        State {
+            opts,
+            bs,
+            level,
+            fragmenting,
+            packed: Vec::new(),
+            fragment_at: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The packed inode's data; no more fragments are made afterwards.
+    pub(crate) fn take_packed(&mut self) -> Vec<u8> {
+        self.fragmenting = false;
+        // fsck.erofs 1.9.3 cannot read fragments out of a packed inode
+        // whose own tail is inline: keep the packed inode's tail in a block.
+        self.opts.ztailpacking = false;
+        self.fragment_at.clear();
+        std::mem::take(&mut self.packed)
     }
 
     /// Cut one segment into extents.
@@ -384,7 +412,26 @@ impl State {
                 // With tail packing, the file's last pcluster goes after
                 // its indexes when it fits in the inode's block.
                 let mut tail = None;
-                if ends_here && self.opts.ztailpacking {
+                let mut fragment = None;
+                if ends_here && self.fragmenting {
+                    // A raw (uncompressed) last extent stays in its block:
+                    // as a fragment the kernel and fsck.erofs refuse it.
+                    if let Some(e) = file_exts.last().filter(|e| !e.raw) {
+                        let bytes = read_segment(&jobs[j].1, size - e.len, e.len as usize)?;
+                        let at = match self.fragment_at.get(&bytes) {
+                            Some(&at) => at,
+                            None => {
+                                let at = u32::try_from(self.packed.len()).map_err(|_| {
+                                    Error::input("fragments exceed 4 GiB in the packed inode")
+                                })?;
+                                self.packed.extend_from_slice(&bytes);
+                                self.fragment_at.insert(bytes, at);
+                                at
+                            }
+                        };
+                        fragment = Some(at);
+                    }
+                } else if ends_here && self.opts.ztailpacking {
                     if let Some(e) = file_exts.last() {
                         let meta = inode_part(jobs[j].0).next_multiple_of(8)
                             + 8
@@ -406,7 +453,7 @@ impl State {
                 let n_ext = file_exts.len();
                 for (x, e) in file_exts.into_iter().enumerate() {
                     let blocks = e.data.len() as u64 / bs;
-                    if tail.is_some() && x + 1 == n_ext {
+                    if (tail.is_some() || fragment.is_some()) && x + 1 == n_ext {
                         exts.push((e.len, e.raw, blocks, 0));
                     } else {
                         exts.push((e.len, e.raw, blocks, blocks));
@@ -416,7 +463,14 @@ impl State {
                 if ends_here {
                     if let Some((j, exts, start)) = cur.take() {
                         let (plan, _, size) = &jobs[j];
-                        let r = self.finish_file(&exts, start, *size, inode_part(*plan), tail)?;
+                        let r = self.finish_file(
+                            &exts,
+                            start,
+                            *size,
+                            inode_part(*plan),
+                            tail,
+                            fragment,
+                        )?;
                         results.push((*plan, r));
                     }
                 }
@@ -439,6 +493,7 @@ impl State {
         size: u64,
         inode_part: usize,
         tail: Option<Vec<u8>>,
+        fragment: Option<u32>,
     ) -> Result<FileResult> {
         let bs = u64::from(self.bs);
         let bbits = self.bs.trailing_zeros();
@@ -502,9 +557,15 @@ impl State {
         if tail.is_some() {
             advise |= ADVISE_INLINE_PCLUSTER;
         }
-        let idata_size = tail.as_ref().map(|t| t.len() as u16).unwrap_or(0);
-        inline.extend_from_slice(&0u16.to_le_bytes());
-        inline.extend_from_slice(&idata_size.to_le_bytes());
+        if let Some(at) = fragment {
+            // The last extent's data is in the packed inode at `at`.
+            advise |= ADVISE_FRAGMENT_PCLUSTER;
+            inline.extend_from_slice(&at.to_le_bytes());
+        } else {
+            let idata_size = tail.as_ref().map(|t| t.len() as u16).unwrap_or(0);
+            inline.extend_from_slice(&0u16.to_le_bytes());
+            inline.extend_from_slice(&idata_size.to_le_bytes());
+        }
         inline.extend_from_slice(&advise.to_le_bytes());
         inline.push(self.opts.algorithm.id());
         inline.push(0); // lcluster = block
@@ -527,11 +588,14 @@ impl State {
     }
 
     pub(crate) fn incompat(&self) -> u32 {
+        let mut bits = 0;
         if self.opts.ztailpacking {
-            format::INCOMPAT_ZTAILPACKING
-        } else {
-            0
+            bits |= format::INCOMPAT_ZTAILPACKING;
         }
+        if self.opts.fragments {
+            bits |= format::INCOMPAT_FRAGMENTS;
+        }
+        bits
     }
 
     pub(crate) fn sb_u1(&self) -> u16 {
@@ -542,10 +606,6 @@ impl State {
         } else {
             0
         }
-    }
-
-    pub(crate) fn packed_nid(&self) -> Option<u64> {
-        None
     }
 }
 

@@ -221,6 +221,14 @@ pub fn build_and_check(src: &Path, opts: &mkfs::Options, work: &Path) -> Vec<u8>
 
 /// Kernel mount equals `want` (a manifest), fsck accepts, reader agrees.
 pub fn check_image(image: &Path, want: &str, work: &Path, debian_fsck: bool) {
+    // MKFS_KEEP=DIR keeps a copy of every checked image for debugging.
+    if let Some(dir) = std::env::var_os("MKFS_KEEP") {
+        let n = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let _ = fs::copy(image, Path::new(&dir).join(format!("{n}.erofs")));
+    }
     fsck(image, debian_fsck);
     let mnt = Mount::new(image, &work.join("mnt"));
     let got = manifest(&mnt.dir);
