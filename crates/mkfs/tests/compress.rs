@@ -108,3 +108,32 @@ fn fragments_and_dedupe() {
         check_full(Algorithm::Lz4, None, 4096, true, true);
     }
 }
+
+/// The Debian tree of ../shared/bench/make-rootfs.sh (path in
+/// IMMOUNT_ROOTFS, default /work/bench/rootfs), with tail packing and with
+/// fragments: the kernel's view equals the source. Slow, hence ignored:
+/// `cargo test -p immount-mkfs --test compress -- --ignored`.
+#[test]
+#[ignore = "needs the Debian rootfs and a minute"]
+fn debian_rootfs() {
+    let root = std::env::var_os("IMMOUNT_ROOTFS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/work/bench/rootfs".into());
+    assert!(is_root(), "needs root");
+    assert!(root.is_dir(), "no rootfs at {}", root.display());
+    for (ztail, fragments) in [(true, false), (false, true)] {
+        let work = tempfile::tempdir().unwrap();
+        let opts = mkfs::Options {
+            compress: Some(CompressOptions {
+                algorithm: Algorithm::Lz4hc,
+                level: None,
+                pcluster_size: 65536,
+                ztailpacking: ztail,
+                fragments,
+                dedupe: fragments,
+            }),
+            ..Default::default()
+        };
+        build_and_check(&root, &opts, work.path());
+    }
+}
