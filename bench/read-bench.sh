@@ -154,8 +154,8 @@ cpu_of() { awk '{ printf "%.3f", $1 + $2 }' "$CPUF"; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 read_tree() { tar -C "$MP" -cf - . 2>/dev/null | cat > /dev/null; }
 wait_mounted() {
-    local i
-    for i in $(seq 100); do mountpoint -q "$MP" && return 0; sleep 0.05; done
+    local _
+    for _ in $(seq 100); do mountpoint -q "$MP" && return 0; sleep 0.05; done
     echo "read-bench.sh: $MP did not get mounted" >&2
     return 1
 }
