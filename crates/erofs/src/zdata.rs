@@ -7,7 +7,7 @@
 //! reads (and thousands of small files sharing the packed inode's pclusters)
 //! decode nothing again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use crate::decompress::{
@@ -877,7 +877,7 @@ impl Image {
     }
 
     /// Decode a whole extent, or take it from the cache.
-    fn decoded(&self, inode: &Inode, ext: &ZExtent) -> Result<Arc<[u8]>> {
+    fn decoded(&self, inode: &Inode, ext: &ZExtent) -> Result<Decoded> {
         let ZKind::Pcluster {
             src,
             plen,
@@ -956,7 +956,7 @@ impl Image {
                     })?;
             }
         }
-        let data: Arc<[u8]> = out.into();
+        let data: Decoded = Arc::new(out);
         self.z.cache.put(key, data.clone());
         Ok(data)
     }
@@ -1025,7 +1025,11 @@ struct CacheKey {
     rotate: u64,
 }
 
+/// A decoded extent, shared by every read that needs it.
+type Decoded = Arc<Vec<u8>>;
+
 /// Decoded extents, bounded in bytes, least recently used evicted first.
+/// Every operation is O(log n): entries are ordered by their last use.
 #[derive(Debug, Default)]
 struct PclusterCache {
     budget: usize,
@@ -1034,7 +1038,8 @@ struct PclusterCache {
 
 #[derive(Debug, Default)]
 struct CacheInner {
-    map: HashMap<CacheKey, (Arc<[u8]>, u64)>,
+    map: HashMap<CacheKey, (Decoded, u64)>,
+    by_use: BTreeMap<u64, CacheKey>,
     bytes: usize,
     tick: u64,
 }
@@ -1047,16 +1052,19 @@ impl PclusterCache {
         }
     }
 
-    fn get(&self, key: &CacheKey) -> Option<Arc<[u8]>> {
+    fn get(&self, key: &CacheKey) -> Option<Decoded> {
         let mut g = self.inner.lock().ok()?;
         g.tick += 1;
         let tick = g.tick;
-        let e = g.map.get_mut(key)?;
-        e.1 = tick;
-        Some(e.0.clone())
+        let (data, last) = g.map.get_mut(key)?;
+        let old = std::mem::replace(last, tick);
+        let data = data.clone();
+        g.by_use.remove(&old);
+        g.by_use.insert(tick, key.clone());
+        Some(data)
     }
 
-    fn put(&self, key: CacheKey, data: Arc<[u8]>) {
+    fn put(&self, key: CacheKey, data: Decoded) {
         let Ok(mut g) = self.inner.lock() else { return };
         if data.len() > self.budget {
             return;
@@ -1064,22 +1072,62 @@ impl PclusterCache {
         g.tick += 1;
         let tick = g.tick;
         let len = data.len();
-        if let Some((old, _)) = g.map.insert(key, (data, tick)) {
+        if let Some((old, last)) = g.map.insert(key.clone(), (data, tick)) {
             g.bytes -= old.len();
+            g.by_use.remove(&last);
         }
+        g.by_use.insert(tick, key);
         g.bytes += len;
         while g.bytes > self.budget {
-            let Some(victim) = g
-                .map
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(k, _)| k.clone())
-            else {
+            let Some((_, victim)) = g.by_use.pop_first() else {
                 break;
             };
             if let Some((old, _)) = g.map.remove(&victim) {
                 g.bytes -= old.len();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u64) -> CacheKey {
+        CacheKey {
+            src: Source::Device(n * 4096),
+            plen: 4096,
+            llen: 1000,
+            partial: false,
+            rotate: 0,
+        }
+    }
+
+    #[test]
+    fn cache_stays_within_budget_and_evicts_least_recently_used() {
+        let cache = PclusterCache::new(3000);
+        for n in 0..3 {
+            cache.put(key(n), Arc::new(vec![n as u8; 1000]));
+        }
+        // Touch 0, so 1 is now the least recently used.
+        assert_eq!(cache.get(&key(0)).unwrap()[0], 0);
+        cache.put(key(3), Arc::new(vec![3; 1000]));
+        assert!(
+            cache.get(&key(1)).is_none(),
+            "the least recently used entry goes first"
+        );
+        for n in [0, 2, 3] {
+            assert!(cache.get(&key(n)).is_some(), "entry {n} stays");
+        }
+        let g = cache.inner.lock().unwrap();
+        assert_eq!(g.bytes, 3000);
+        assert_eq!(g.map.len(), g.by_use.len());
+        drop(g);
+        // Something larger than the whole budget is not kept at all.
+        cache.put(key(9), Arc::new(vec![9; 5000]));
+        assert!(cache.get(&key(9)).is_none());
+        // Replacing an entry does not count it twice.
+        cache.put(key(2), Arc::new(vec![2; 500]));
+        assert_eq!(cache.inner.lock().unwrap().bytes, 2500);
     }
 }
