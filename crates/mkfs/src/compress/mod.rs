@@ -218,6 +218,59 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
+/// For tail packing: re-cut a last extent of several blocks into one
+/// that fills a block less and a tail of under a block, which can then go
+/// inline after the inode. Leaves `out` alone when that does not work out.
+fn split_tail(enc: &mut Encoder, out: &mut Vec<Extent>, src: &[u8], bs: usize) {
+    let Some(last) = out.last() else { return };
+    let blocks = last.data.len() / bs;
+    if last.raw || blocks < 2 {
+        return;
+    }
+    let len = last.len as usize;
+    let start = src.len() - len;
+    let Some((n1, c1)) = enc.fill(&src[start..], (blocks - 1) * bs) else {
+        return;
+    };
+    if n1 >= len || c1.len().div_ceil(bs) >= n1.div_ceil(bs) || c1.first() == Some(&0) {
+        return;
+    }
+    let rest = &src[start + n1..];
+    let second = match enc.fill(rest, bs - 1) {
+        Some((n2, c2)) if n2 == rest.len() && c2.len() < rest.len() && c2.first() != Some(&0) => {
+            let mut data = vec![0u8; bs - c2.len()];
+            data.extend_from_slice(&c2);
+            Extent {
+                len: n2 as u64,
+                raw: false,
+                clen: c2.len(),
+                data,
+            }
+        }
+        _ if rest.len() <= bs => {
+            let mut data = rest.to_vec();
+            data.resize(bs, 0);
+            Extent {
+                len: rest.len() as u64,
+                raw: true,
+                clen: rest.len(),
+                data,
+            }
+        }
+        _ => return,
+    };
+    let mut data = vec![0u8; c1.len().div_ceil(bs) * bs - c1.len()];
+    data.extend_from_slice(&c1);
+    out.pop();
+    out.push(Extent {
+        len: n1 as u64,
+        raw: false,
+        clen: c1.len(),
+        data,
+    });
+    out.push(second);
+}
+
 /// Read `len` bytes at `offset` of a file's data.
 fn read_segment(data: &Data, offset: u64, len: usize) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; len];
@@ -275,10 +328,18 @@ impl State {
     }
 
     /// Cut one segment into extents.
-    fn compress_segment(&self, src: &[u8]) -> Vec<Extent> {
-        let bs = self.bs as usize;
-        let cap = self.opts.pcluster_size as usize;
-        let (alg, level) = (self.opts.algorithm, self.level);
+    /// `file_end`: the segment ends the file (its last extent may be split
+    /// so that a tail small enough to pack inline comes out).
+    fn compress_segment(
+        opts: &CompressOptions,
+        bs: u32,
+        level: i32,
+        src: &[u8],
+        file_end: bool,
+    ) -> Vec<Extent> {
+        let bs = bs as usize;
+        let cap = opts.pcluster_size as usize;
+        let alg = opts.algorithm;
         ENCODER.with(|cell| {
             let mut slot = cell.borrow_mut();
             if !matches!(&*slot, Some((a, l, _)) if *a == alg && *l == level) {
@@ -333,6 +394,9 @@ impl State {
                     }
                 }
             }
+            if file_end && opts.ztailpacking && !opts.fragments {
+                split_tail(enc, &mut out, src, bs);
+            }
             out
         })
     }
@@ -352,7 +416,7 @@ impl State {
         // Work items: (job, offset, len), in file order.
         let mut items: Vec<(usize, u64, usize)> = Vec::new();
         for (j, (_, _, size)) in jobs.iter().enumerate() {
-            if *size <= bs {
+            if *size <= bs && !self.fragmenting {
                 continue; // one block or less: nothing to save
             }
             let mut off = 0;
@@ -366,6 +430,9 @@ impl State {
         // Extents (len, raw, blocks) of the file being finished, its first
         // block, and whether its data was written already.
         let mut cur: Option<(usize, Vec<ExtentMeta>, u64)> = None;
+        // Batches of work items, compressed on the rayon pool by a producer
+        // thread while this thread writes the previous batch.
+        let mut bounds = Vec::new();
         let mut i = 0;
         while i < items.len() {
             let mut end = i;
@@ -374,110 +441,140 @@ impl State {
                 bytes += items[end].2 as u64;
                 end += 1;
             }
-            let batch = &items[i..end];
-            let done: Vec<Result<Vec<Extent>>> = batch
-                .par_iter()
-                .map(|&(j, off, len)| {
-                    let src = read_segment(&jobs[j].1, off, len)?;
-                    Ok(self.compress_segment(&src))
-                })
-                .collect();
-            let mut done = done.into_iter();
-            let mut k = i;
-            while k < end {
-                // Gather this file's items of the batch.
-                let j = items[k].0;
-                let mut file_exts: Vec<Extent> = Vec::new();
-                let mut last_item = k;
-                while last_item < end && items[last_item].0 == j {
-                    file_exts.extend(done.next().unwrap_or_else(|| Ok(Vec::new()))?);
-                    bar.inc(items[last_item].2 as u64);
-                    last_item += 1;
-                }
-                let starts_here = items[k].1 == 0;
-                let ends_here = last_item == items.len() || items[last_item].0 != j;
-                let size = jobs[j].2;
-                let comp_blocks: u64 = file_exts.iter().map(|e| e.data.len() as u64 / bs).sum();
-                // Entirely in this batch and not smaller: store it flat.
-                if starts_here && ends_here && comp_blocks >= size.div_ceil(bs) {
-                    k = last_item;
-                    continue;
-                }
-                if starts_here {
-                    cur = Some((j, Vec::new(), out.block()));
-                }
-                let Some((_, exts, _)) = cur.as_mut() else {
-                    return Err(Error::input("compression bookkeeping lost a file"));
-                };
-                // With tail packing, the file's last pcluster goes after
-                // its indexes when it fits in the inode's block.
-                let mut tail = None;
-                let mut fragment = None;
-                if ends_here && self.fragmenting {
-                    // A raw (uncompressed) last extent stays in its block:
-                    // as a fragment the kernel and fsck.erofs refuse it.
-                    if let Some(e) = file_exts.last().filter(|e| !e.raw) {
-                        let bytes = read_segment(&jobs[j].1, size - e.len, e.len as usize)?;
-                        let at = match self.fragment_at.get(&bytes) {
-                            Some(&at) => at,
-                            None => {
-                                let at = u32::try_from(self.packed.len()).map_err(|_| {
-                                    Error::input("fragments exceed 4 GiB in the packed inode")
-                                })?;
-                                self.packed.extend_from_slice(&bytes);
-                                self.fragment_at.insert(bytes, at);
-                                at
-                            }
-                        };
-                        fragment = Some(at);
-                    }
-                } else if ends_here && self.opts.ztailpacking {
-                    if let Some(e) = file_exts.last() {
-                        let meta = inode_part(jobs[j].0).next_multiple_of(8)
-                            + 8
-                            + compact_len(
-                                size.div_ceil(bs) as usize,
-                                inode_part(jobs[j].0),
-                                self.bs,
-                            );
-                        if (e.raw || e.data.len() as u64 == bs) && meta + e.clen <= bs as usize {
-                            let t = if e.raw {
-                                e.data[..e.clen].to_vec()
-                            } else {
-                                e.data[e.data.len() - e.clen..].to_vec()
-                            };
-                            tail = Some(t);
-                        }
-                    }
-                }
-                let n_ext = file_exts.len();
-                for (x, e) in file_exts.into_iter().enumerate() {
-                    let blocks = e.data.len() as u64 / bs;
-                    if (tail.is_some() || fragment.is_some()) && x + 1 == n_ext {
-                        exts.push((e.len, e.raw, blocks, 0));
-                    } else {
-                        exts.push((e.len, e.raw, blocks, blocks));
-                        out.write(&e.data)?;
-                    }
-                }
-                if ends_here {
-                    if let Some((j, exts, start)) = cur.take() {
-                        let (plan, _, size) = &jobs[j];
-                        let r = self.finish_file(
-                            &exts,
-                            start,
-                            *size,
-                            inode_part(*plan),
-                            tail,
-                            fragment,
-                        )?;
-                        results.push((*plan, r));
-                    }
-                }
-                k = last_item;
-            }
+            bounds.push((i, end));
             i = end;
         }
+        let (opts, level) = (self.opts.clone(), self.level);
+        let block_size = self.bs;
+        let items = &items;
+        std::thread::scope(|scope| -> Result<()> {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<Vec<Extent>>>>(1);
+            let producer_bounds = bounds.clone();
+            scope.spawn(move || {
+                for (i, end) in producer_bounds {
+                    let done: Vec<Result<Vec<Extent>>> = items[i..end]
+                        .par_iter()
+                        .map(|&(j, off, len)| {
+                            let src = read_segment(&jobs[j].1, off, len)?;
+                            let file_end = off + len as u64 == jobs[j].2;
+                            Ok(State::compress_segment(
+                                &opts, block_size, level, &src, file_end,
+                            ))
+                        })
+                        .collect();
+                    if tx.send(done).is_err() {
+                        break; // the writer stopped on an error
+                    }
+                }
+            });
+            for (i, end) in bounds {
+                let done = rx
+                    .recv()
+                    .map_err(|_| Error::input("the compression thread stopped"))?;
+                let mut done = done.into_iter();
+                let mut k = i;
+                while k < end {
+                    // Gather this file's items of the batch.
+                    let j = items[k].0;
+                    let mut file_exts: Vec<Extent> = Vec::new();
+                    let mut last_item = k;
+                    while last_item < end && items[last_item].0 == j {
+                        file_exts.extend(done.next().unwrap_or_else(|| Ok(Vec::new()))?);
+                        bar.inc(items[last_item].2 as u64);
+                        last_item += 1;
+                    }
+                    let starts_here = items[k].1 == 0;
+                    let ends_here = last_item == items.len() || items[last_item].0 != j;
+                    let size = jobs[j].2;
+                    let comp_blocks: u64 = file_exts.iter().map(|e| e.data.len() as u64 / bs).sum();
+                    // Entirely in this batch and not smaller: store it flat
+                    // (with fragments, its tail is worth packing anyway).
+                    if starts_here
+                        && ends_here
+                        && !self.fragmenting
+                        && comp_blocks >= size.div_ceil(bs)
+                    {
+                        k = last_item;
+                        continue;
+                    }
+                    if starts_here {
+                        cur = Some((j, Vec::new(), out.block()));
+                    }
+                    let Some((_, exts, _)) = cur.as_mut() else {
+                        return Err(Error::input("compression bookkeeping lost a file"));
+                    };
+                    // With tail packing, the file's last pcluster goes after
+                    // its indexes when it fits in the inode's block.
+                    let mut tail = None;
+                    let mut fragment = None;
+                    if ends_here && self.fragmenting {
+                        if let Some(e) = file_exts.last() {
+                            let bytes = read_segment(&jobs[j].1, size - e.len, e.len as usize)?;
+                            let at = match self.fragment_at.get(&bytes) {
+                                Some(&at) => at,
+                                None => {
+                                    let at = u32::try_from(self.packed.len()).map_err(|_| {
+                                        Error::input("fragments exceed 4 GiB in the packed inode")
+                                    })?;
+                                    self.packed.extend_from_slice(&bytes);
+                                    self.fragment_at.insert(bytes, at);
+                                    at
+                                }
+                            };
+                            fragment = Some(at);
+                        }
+                    } else if ends_here && self.opts.ztailpacking {
+                        if let Some(e) = file_exts.last() {
+                            let meta = inode_part(jobs[j].0).next_multiple_of(8)
+                                + 8
+                                + compact_len(
+                                    size.div_ceil(bs) as usize,
+                                    inode_part(jobs[j].0),
+                                    self.bs,
+                                );
+                            if (e.raw || e.data.len() as u64 == bs) && meta + e.clen <= bs as usize
+                            {
+                                let t = if e.raw {
+                                    e.data[..e.clen].to_vec()
+                                } else {
+                                    e.data[e.data.len() - e.clen..].to_vec()
+                                };
+                                tail = Some(t);
+                            }
+                        }
+                    }
+                    let n_ext = file_exts.len();
+                    for (x, e) in file_exts.into_iter().enumerate() {
+                        let blocks = e.data.len() as u64 / bs;
+                        if (tail.is_some() || fragment.is_some()) && x + 1 == n_ext {
+                            // A fragment's head is a compressed (HEAD1) one
+                            // whatever its data was: the kernel and
+                            // fsck.erofs refuse plain heads as fragments.
+                            exts.push((e.len, e.raw && fragment.is_none(), blocks, 0));
+                        } else {
+                            exts.push((e.len, e.raw, blocks, blocks));
+                            out.write(&e.data)?;
+                        }
+                    }
+                    if ends_here {
+                        if let Some((j, exts, start)) = cur.take() {
+                            let (plan, _, size) = &jobs[j];
+                            let r = self.finish_file(
+                                &exts,
+                                start,
+                                *size,
+                                inode_part(*plan),
+                                tail,
+                                fragment,
+                            )?;
+                            results.push((*plan, r));
+                        }
+                    }
+                    k = last_item;
+                }
+            }
+            Ok(())
+        })?;
         if out.block() > u64::from(u32::MAX) {
             return Err(Error::input("image too large for 32-bit block addresses"));
         }
