@@ -95,7 +95,16 @@ do_mount() {
         squashfuse_ll) squashfuse_ll "$SQ" "$MP" ;;
     esac
 }
-do_umount() { umount "$MP" 2>/dev/null || umount -l "$MP"; sleep 0.2; }
+# A mount gone before its umount means the server died: say so, go on.
+do_umount() {
+    if ! mountpoint -q "$MP"; then
+        echo "warning: $1: the mount was gone before umount (server died?)" >&2
+        return 0
+    fi
+    umount "$MP" 2>/dev/null || umount -l "$MP"
+    sleep 0.2
+}
+must_be_mounted() { mountpoint -q "$MP" || { echo "$1: mount failed" >&2; exit 1; }; }
 server_pid() { pgrep -n -f -- " $MP\$" || true; }
 stat_walk() { find "$MP" -printf '%s %m\n' >/dev/null; }
 read_all() { tar -C "$MP" -cf - . 2>/dev/null | cat >/dev/null; }
@@ -116,12 +125,14 @@ for run in $(seq "$RUNS"); do
         # Mount and stat walks on a cold cache.
         drop_caches
         t_mount=$(timed do_mount "$d")
+        must_be_mounted "$d"
         t_cold_stat=$(timed stat_walk)
         t_warm_stat=$(best_of_3 stat_walk)
-        do_umount
+        do_umount "$d"
         # Reads on a fresh mount and cold cache.
         drop_caches
         do_mount "$d"
+        must_be_mounted "$d"
         before=$(cached_kib)
         t_cold_read=$(timed read_all)
         after=$(cached_kib)
@@ -133,7 +144,7 @@ for run in $(seq "$RUNS"); do
         if [ "$d" != kernel ] && [ -n "$pid" ]; then
             rss=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
         fi
-        do_umount
+        do_umount "$d"
         growth=$(( (after - before) / 1024 ))
         echo "$d $t_mount $t_cold_stat $t_warm_stat $t_cold_read $t_warm_read $((rss / 1024)) $growth $img_cached" >> "$RESULTS"
         echo "run $run $d: mount $t_mount s, stat cold $t_cold_stat warm $t_warm_stat, read cold $t_cold_read warm $t_warm_read, rss ${rss} KiB, cache +${growth} MiB, image cached ${img_cached} MiB" >&2

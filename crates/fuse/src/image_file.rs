@@ -27,11 +27,11 @@
 //!   while the small reads of inline tails and compression indexes in
 //!   between are not, and stay cached like other metadata.
 //!
-//! Measured on that image (cold read of every file, 2 cores): 15 MiB of
-//! the image stay cached instead of 150 with the kernel's readahead and
-//! exact drops, at about the same speed; reading data with `O_DIRECT`
-//! instead (no page cache at all, our own windows) was 1.5 to 2 times
-//! slower for want of asynchronous readahead.
+//! Measured on that image (cold read of every file, 2 busy cores): 14 MiB
+//! of the image stay cached instead of 150 with the kernel's readahead and
+//! exact drops, for cold reads up to a fifth slower (the runs were noisy);
+//! reading data with `O_DIRECT` instead (no page cache at all, our own
+//! windows) was 1.5 to 2 times slower for want of asynchronous readahead.
 
 use std::cell::Cell;
 use std::fs::File;
