@@ -105,6 +105,13 @@ pub fn build_image(tree: &Tree, dest: &Path, opts: &Options) -> Result<BuildRepo
         .tempfile_in(dir)
         .map_err(|e| Error::io(dir, e))?;
     let report = write_image(tree, tmp.as_file(), opts)?;
+    // Temporary files are private (0600); an image is an ordinary file.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(tmp.path(), e))?;
+    }
     tmp.as_file()
         .sync_all()
         .map_err(|e| Error::io(tmp.path(), e))?;

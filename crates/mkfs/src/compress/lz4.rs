@@ -102,8 +102,10 @@ impl Lz4Encoder {
             return;
         }
         let stored = self.head[h];
-        let delta = match self.local(stored) {
-            Some(prev) => (pos - prev).min(MAX_DISTANCE),
+        // A later position may be there already (after a lazy step and a
+        // backward extension): then this one starts a fresh chain.
+        let delta = match self.local(stored).and_then(|prev| pos.checked_sub(prev)) {
+            Some(d) => d.min(MAX_DISTANCE),
             None => 0,
         };
         self.chain[pos & MAX_DISTANCE] = delta as u16;

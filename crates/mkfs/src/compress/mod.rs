@@ -236,6 +236,13 @@ fn split_tail(enc: &mut Encoder, out: &mut Vec<Extent>, src: &[u8], bs: usize) {
         return;
     }
     let rest = &src[start + n1..];
+    // The tail must reach into the next lcluster: older kernels and
+    // fsck.erofs 1.5 cannot read a compressed tail that starts and ends in
+    // one lcluster after another extent's end. (Segments start on block
+    // boundaries, so offsets in `src` have the file's block alignment.)
+    if (start + n1) % bs + rest.len() < bs {
+        return;
+    }
     let second = match enc.fill(rest, bs - 1) {
         Some((n2, c2)) if n2 == rest.len() && c2.len() < rest.len() && c2.first() != Some(&0) => {
             let mut data = vec![0u8; bs - c2.len()];
