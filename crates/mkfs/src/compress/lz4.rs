@@ -335,4 +335,42 @@ mod tests {
         assert!(block.len() <= 4096 && used > 4000);
         assert_eq!(decode(&block, used), &noise[..used]);
     }
+
+    /// Mixed data (repeats with small edits between noise) drives the lazy
+    /// step, backward extension and chain upkeep into each other; every cap
+    /// and depth must round-trip (and, in debug builds, not overflow).
+    #[test]
+    fn mixed_data_round_trips() {
+        let mut data = Vec::new();
+        let mut x = 12345u32;
+        for i in 0..4000u32 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            match x >> 30 {
+                0 => data.extend_from_slice(&x.to_le_bytes()),
+                1 => data.extend_from_slice(b"abcabcabd"),
+                2 => {
+                    let n = data.len();
+                    let back = ((x >> 8) as usize % n.max(1)).min(n);
+                    let piece: Vec<u8> = data[n - back..n.min(n - back + 40)].to_vec();
+                    data.extend_from_slice(&piece);
+                }
+                _ => data.extend_from_slice(format!("{i:x} ").as_bytes()),
+            }
+        }
+        for depth in [1, 4, 256] {
+            let mut enc = Lz4Encoder::new(depth);
+            for cap in [512usize, 4096, 65536] {
+                let mut pos = 0;
+                while pos < data.len() {
+                    let (used, block) = enc.compress_dest(&data[pos..], cap);
+                    assert!(used > 0 && block.len() <= cap);
+                    assert_eq!(
+                        lz4_flex::block::decompress(&block, used).unwrap(),
+                        &data[pos..pos + used]
+                    );
+                    pos += used;
+                }
+            }
+        }
+    }
 }
