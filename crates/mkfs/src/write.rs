@@ -525,13 +525,30 @@ pub fn write_image(tree: &Tree, file: &File, opts: &Options) -> Result<BuildRepo
             Kind::Symlink(t) => (Data::Bytes(Arc::new(t.clone())), false),
             _ => continue,
         };
-        let mut r = open_data(&data)?;
+        // Host files are read through one descriptor so that full blocks
+        // can move with copy_file_range (no copy through user space).
+        let host = match &data {
+            Data::Path(path) => Some(File::open(path).map_err(|e| Error::io(path, e))?),
+            _ => None,
+        };
+        let mut r: Box<dyn Read + '_> = match &host {
+            Some(f) => Box::new(f),
+            None => open_data(&data)?,
+        };
         if is_file && opts.chunk_size.is_some() {
             let chunk = u64::from(opts.chunk_size.unwrap_or(opts.block_size));
             write_chunked(p, &mut *r, &data, chunk, blkbits, &mut out)?;
             incompat |= format::INCOMPAT_CHUNKED_FILE;
         } else {
-            write_flat(p, &mut *r, &data, bs, opts.inline_data, &mut out)?;
+            write_flat(
+                p,
+                &mut *r,
+                host.as_ref(),
+                &data,
+                bs,
+                opts.inline_data,
+                &mut out,
+            )?;
         }
         if is_file {
             bar.inc(p.size);
@@ -586,6 +603,7 @@ pub fn write_image(tree: &Tree, file: &File, opts: &Options) -> Result<BuildRepo
                 write_flat(
                     &mut plans[idx],
                     &mut *r,
+                    None,
                     &data,
                     bs,
                     opts.inline_data,
@@ -818,6 +836,7 @@ pub fn write_image(tree: &Tree, file: &File, opts: &Options) -> Result<BuildRepo
 fn write_flat(
     p: &mut Plan,
     r: &mut dyn Read,
+    host: Option<&File>,
     data: &Data,
     bs: u64,
     inline_data: bool,
@@ -826,8 +845,18 @@ fn write_flat(
     let full = p.size / bs;
     let tail = (p.size % bs) as usize;
     let start = out.block();
-    let mut buf = vec![0u8; (1 << 20).min((full * bs).max(bs)) as usize];
     let mut left = full * bs;
+    if let (Some(f), true) = (host, left > 0) {
+        out.w.flush().map_err(|e| Error::io("<image>", e))?;
+        let n = std::io::copy(&mut f.take(left), out.w.get_mut())
+            .map_err(|e| Error::io(data_name(data), e))?;
+        out.pos += n;
+        if n != left {
+            return Err(changed(data));
+        }
+        left = 0;
+    }
+    let mut buf = vec![0u8; (1 << 20).min(left.max(bs)) as usize];
     while left > 0 {
         let n = left.min(buf.len() as u64) as usize;
         read_exact_data(r, data, &mut buf[..n])?;
