@@ -236,8 +236,9 @@ pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), 
             supervise(server, mounted)
         }
         Ok(None) => {
-            // Per-thread arenas would open a /proc file when they shrink.
-            if let Err(e) = sys::malloc_single_arena() {
+            // glibc opens a /proc file the first time it trims a thread's
+            // arena: never trim.
+            if let Err(e) = sys::malloc_never_trim() {
                 return fail(notifier, MountError::usage(format!("allocator: {e}")));
             }
             let mut keep = session.fds();

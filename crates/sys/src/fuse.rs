@@ -324,21 +324,23 @@ pub fn fork_single_threaded() -> io::Result<Option<u32>> {
     }
 }
 
-/// Make glibc's allocator use a single arena (`mallopt(M_ARENA_MAX, 1)`),
-/// before any thread starts. glibc gives threads arenas of their own, and
-/// the first time one of them shrinks it reads
-/// `/proc/sys/vm/overcommit_memory`: an `openat` that a seccomp sandbox
-/// kills the process for, long after start-up. With one arena that never
-/// happens. Elsewhere than glibc, nothing to do.
-pub fn malloc_single_arena() -> io::Result<()> {
+/// Keep glibc's allocator from ever shrinking a thread's arena heap
+/// (`mallopt(M_TRIM_THRESHOLD, INT_MAX)`), before any thread starts. The
+/// first time glibc shrinks one it reads `/proc/sys/vm/overcommit_memory`:
+/// an `openat` that a seccomp sandbox kills the process for, long after
+/// start-up (seen serving a Debian image). Whole heaps are still unmapped
+/// and large blocks still go back with `munmap`; only the trimming of a
+/// heap's top is given up. Limiting glibc to one arena avoids it too, but
+/// cost a tenth of the cold-read speed in lock contention. Elsewhere than
+/// glibc, nothing to do.
+pub fn malloc_never_trim() -> io::Result<()> {
     #[cfg(target_env = "gnu")]
     {
         // SAFETY: mallopt only sets an allocator parameter; called while
-        // the process is single-threaded, before any other allocation
-        // races with it.
-        let ok = unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+        // the process is single-threaded, so no allocation races with it.
+        let ok = unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) };
         if ok != 1 {
-            return Err(io::Error::other("mallopt(M_ARENA_MAX) refused"));
+            return Err(io::Error::other("mallopt(M_TRIM_THRESHOLD) refused"));
         }
     }
     Ok(())
