@@ -2,6 +2,7 @@
 //! them. This binary is a thin layer: the format lives in the `erofs` crate,
 //! and every subcommand turns library errors into one line and an exit code.
 
+mod cmd_build;
 mod cmd_mount;
 mod cmd_verity;
 mod extract;
@@ -55,6 +56,9 @@ enum Command {
     Mount(cmd_mount::MountArgs),
     /// Unmount a mount made by `immount mount`; the server then exits.
     Umount(cmd_mount::UmountArgs),
+    /// Build a reproducible EROFS image from a directory, a tar stream, OCI
+    /// layers or an OCI image layout.
+    Build(cmd_build::BuildArgs),
     /// dm-verity hash trees and signed root hashes: format, verify, sign.
     Verity {
         #[command(subcommand)]
@@ -186,6 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Umount(args) => {
             Ok(u8::try_from(cmd_mount::run_umount(args)?).unwrap_or(EXIT_USAGE))
         }
+        Command::Build(args) => Ok(u8::try_from(cmd_build::run(args)?).unwrap_or(EXIT_USAGE)),
         Command::Verity { command } => {
             Ok(u8::try_from(cmd_verity::run(command)?).unwrap_or(EXIT_USAGE))
         }

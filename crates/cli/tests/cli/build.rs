@@ -1,0 +1,141 @@
+//! `immount build` through the binary: a tar of the corpus tree becomes an
+//! image whose manifest is the kernel's view of the same tar, twice the
+//! same bytes, with a verity tree that checks out, and bad input leaves
+//! nothing behind.
+
+use std::ffi::OsStr;
+use std::path::Path;
+
+use crate::common::*;
+
+fn build(args: &[&OsStr]) -> (i32, String, String) {
+    let mut all: Vec<&OsStr> = vec!["build".as_ref()];
+    all.extend_from_slice(args);
+    let out = immount(&all);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn manifest_of(img: &Path) -> Vec<serde_json::Value> {
+    let out = immount(&["manifest".as_ref(), img.as_os_str()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_lines(&out.stdout)
+}
+
+#[test]
+fn tar_builds_are_faithful_and_reproducible() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tar = corpus().join("tree.tar");
+    for (i, opts) in [
+        vec![],
+        vec!["-zlz4hc", "-Eztailpacking"],
+        vec!["-zzstd", "-C65536"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let a = tmp.path().join(format!("a{i}.erofs"));
+        let b = tmp.path().join(format!("b{i}.erofs"));
+        for img in [&a, &b] {
+            let mut args: Vec<&OsStr> = vec!["--tar".as_ref(), tar.as_os_str(), "--quiet".as_ref()];
+            args.extend(opts.iter().map(OsStr::new));
+            args.push(img.as_os_str());
+            let (code, _, err) = build(&args);
+            assert_eq!(code, 0, "{opts:?}: {err}");
+        }
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "{opts:?}: two builds differ"
+        );
+        assert_same_manifest(
+            &format!("build {opts:?}"),
+            &manifest_of(&a),
+            &kernel_manifest("tar-full"),
+        );
+    }
+}
+
+#[test]
+fn verity_build_checks_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("v.erofs");
+    let (code, out, err) = build(&[
+        "--tar".as_ref(),
+        corpus().join("tree.tar").as_os_str(),
+        "-zlz4".as_ref(),
+        "--verity".as_ref(),
+        img.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let root = (out.clone() + &err)
+        .split_whitespace()
+        .find(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no root hash printed: {out} {err}"))
+        .to_string();
+    let offset = err
+        .lines()
+        .find_map(|l| l.strip_prefix("verity hash offset: "))
+        .unwrap_or_else(|| panic!("no hash offset printed: {err}"))
+        .trim()
+        .to_string();
+    let out = immount(&[
+        "verity".as_ref(),
+        "verify".as_ref(),
+        img.as_os_str(),
+        "--hash-offset".as_ref(),
+        offset.as_ref(),
+        "--root-hash".as_ref(),
+        root.as_ref(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (wrong, _) = root.split_at(63);
+    let wrong = format!("{wrong}{}", if root.ends_with('0') { '1' } else { '0' });
+    let out = immount(&[
+        "fsck".as_ref(),
+        img.as_os_str(),
+        "--hash-offset".as_ref(),
+        offset.as_ref(),
+        "--root-hash".as_ref(),
+        wrong.as_ref(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_tar_that_ends_early_leaves_no_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = std::fs::read(corpus().join("tree.tar")).unwrap();
+    let cut = tmp.path().join("cut.tar");
+    std::fs::write(&cut, &full[..full.len() / 2 + 100]).unwrap();
+    let img = tmp.path().join("out.erofs");
+    let (code, _, err) = build(&[
+        "--tar".as_ref(),
+        cut.as_os_str(),
+        "--quiet".as_ref(),
+        img.as_os_str(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!img.exists(), "a partial image was left behind");
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "temporary files left: {left:?}");
+}
