@@ -24,6 +24,14 @@ pub struct MountArgs {
     /// Print what confinement is in place once the mount is ready.
     #[arg(long = "sandbox-report")]
     pub sandbox_report: bool,
+    /// The socket of immountd, the delegation daemon (default: $IMMOUNT_SOCKET,
+    /// else /run/immount/io.immount.Mount). A plain user's mount goes
+    /// through the daemon when its socket exists.
+    #[arg(long = "socket", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Never go through immountd; mount with fusermount3 or directly.
+    #[arg(long = "no-daemon")]
+    pub no_daemon: bool,
     /// Append the background server's messages (image faults) to FILE.
     #[arg(long = "log", value_name = "FILE")]
     pub log: Option<PathBuf>,
@@ -47,6 +55,12 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<i32> {
     let notifier = fuse::daemon::ReadyNotifier::from_env();
     if args.no_sandbox && notifier.is_none() {
         eprintln!("immount: warning: --no-sandbox: the server parses the image unconfined");
+    }
+    if notifier.is_none() && !args.no_daemon && !rustix::process::geteuid().is_root() {
+        let socket = mountd::client::socket_path(args.socket.as_deref());
+        if mountd::client::daemon_available(&socket) {
+            return Ok(mount_through_daemon(&args, &socket));
+        }
     }
     if !args.foreground && notifier.is_none() {
         return Ok(match fuse::daemon::spawn_background(args.log.as_deref()) {
@@ -78,6 +92,52 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<i32> {
         Ok(()) => 0,
         Err(e) => report(&e),
     })
+}
+
+/// Flow (b) of immountd: the daemon decides by its policy, serves the image
+/// from a sandboxed server of its own and attaches the mount to DIR, which
+/// this user must own; always nosuid,nodev.
+fn mount_through_daemon(args: &MountArgs, socket: &std::path::Path) -> i32 {
+    let mut options = Vec::new();
+    for o in args
+        .options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter(|o| !o.is_empty())
+    {
+        match o {
+            "allow_other" | "noexec" => options.push(o.to_string()),
+            _ => {
+                eprintln!("immount: warning: option {o} is not used when mounting through immountd")
+            }
+        }
+    }
+    if !args.devices.is_empty() {
+        eprintln!("immount: extra devices cannot be passed to immountd; use --no-daemon");
+        return fuse::daemon::EXIT_USAGE;
+    }
+    let spec = mountd::client::ImageSpec {
+        image: args.image.clone(),
+        options,
+        sidecars: true,
+        ..Default::default()
+    };
+    match mountd::client::mount_via_daemon(socket, &spec, &args.mountpoint) {
+        Ok(d) => {
+            eprintln!(
+                "immount: mounted through immountd ({}): {} image {}, {}",
+                socket.display(),
+                d.class,
+                d.image_identity,
+                d.options
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("immount: {e}");
+            e.exit_code()
+        }
+    }
 }
 
 fn report(e: &fuse::MountError) -> i32 {

@@ -832,3 +832,64 @@ fn socket_activation_and_the_units() {
     let service = fs::read_to_string(units.join("immountd.service")).unwrap();
     assert!(service.contains("ExecStart="));
 }
+
+/// Flow (b) through the ordinary `immount mount` of a plain user: when the
+/// daemon's socket exists, the client hands it the image and the directory.
+#[test]
+fn immount_mount_of_a_plain_user_goes_through_the_daemon() {
+    need_root!();
+    let immount = Path::new(BIN).with_file_name("immount");
+    assert!(
+        immount.exists(),
+        "{} is missing: build the workspace (cargo test --workspace builds it)",
+        immount.display()
+    );
+    let immount = immount.to_str().unwrap().to_string();
+    let d = Daemon::start("");
+    let image = d.image();
+    let own = d.dir_owned("via-immount", true);
+    let sock = d.socket.to_str().unwrap().to_string();
+    let out = as_user(&[
+        "env",
+        &format!("IMMOUNT_SOCKET={sock}"),
+        &immount,
+        "mount",
+        image.to_str().unwrap(),
+        own.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("through immountd"),
+        "{}",
+        text(&out)
+    );
+    let cat = as_user(&["cat", own.join("hello.txt").to_str().unwrap()]);
+    assert_eq!(
+        String::from_utf8_lossy(&cat.stdout),
+        HELLO,
+        "{}",
+        text(&cat)
+    );
+    let line = d.mount_options(&own);
+    assert!(line.contains(" ro,nosuid,nodev"), "{line}");
+    // A directory the user does not own: refused, one line, exit 2.
+    let theirs = d.dir_owned("via-immount-theirs", false);
+    let out = as_user(&[
+        &immount,
+        "mount",
+        "--socket",
+        &sock,
+        image.to_str().unwrap(),
+        theirs.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not own"),
+        "{}",
+        text(&out)
+    );
+    let un = as_user(&[&immount, "umount", own.to_str().unwrap()]);
+    assert!(un.status.success(), "{}", text(&un));
+    d.wait_no_servers();
+    assert!(d.mounts().is_empty(), "{:?}", d.mounts());
+}
