@@ -56,12 +56,6 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<i32> {
     if args.no_sandbox && notifier.is_none() {
         eprintln!("immount: warning: --no-sandbox: the server parses the image unconfined");
     }
-    if notifier.is_none() && !args.no_daemon && !rustix::process::geteuid().is_root() {
-        let socket = mountd::client::socket_path(args.socket.as_deref());
-        if mountd::client::daemon_available(&socket) {
-            return Ok(mount_through_daemon(&args, &socket));
-        }
-    }
     if !args.foreground && notifier.is_none() {
         return Ok(match fuse::daemon::spawn_background(args.log.as_deref()) {
             Ok(text) => {
@@ -92,52 +86,6 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<i32> {
         Ok(()) => 0,
         Err(e) => report(&e),
     })
-}
-
-/// Flow (b) of immountd: the daemon decides by its policy, serves the image
-/// from a sandboxed server of its own and attaches the mount to DIR, which
-/// this user must own; always nosuid,nodev.
-fn mount_through_daemon(args: &MountArgs, socket: &std::path::Path) -> i32 {
-    let mut options = Vec::new();
-    for o in args
-        .options
-        .iter()
-        .flat_map(|o| o.split(','))
-        .filter(|o| !o.is_empty())
-    {
-        match o {
-            "allow_other" | "noexec" => options.push(o.to_string()),
-            _ => {
-                eprintln!("immount: warning: option {o} is not used when mounting through immountd")
-            }
-        }
-    }
-    if !args.devices.is_empty() {
-        eprintln!("immount: extra devices cannot be passed to immountd; use --no-daemon");
-        return fuse::daemon::EXIT_USAGE;
-    }
-    let spec = mountd::client::ImageSpec {
-        image: args.image.clone(),
-        options,
-        sidecars: true,
-        ..Default::default()
-    };
-    match mountd::client::mount_via_daemon(socket, &spec, &args.mountpoint) {
-        Ok(d) => {
-            eprintln!(
-                "immount: mounted through immountd ({}): {} image {}, {}",
-                socket.display(),
-                d.class,
-                d.image_identity,
-                d.options
-            );
-            0
-        }
-        Err(e) => {
-            eprintln!("immount: {e}");
-            e.exit_code()
-        }
-    }
 }
 
 fn report(e: &fuse::MountError) -> i32 {

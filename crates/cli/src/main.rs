@@ -4,6 +4,7 @@
 
 mod cmd_build;
 mod cmd_mount;
+mod cmd_mount_daemon;
 mod cmd_verity;
 mod extract;
 mod manifest;
@@ -186,7 +187,13 @@ pub fn open_image_verified(
 
 fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Mount(args) => Ok(u8::try_from(cmd_mount::run_mount(args)?).unwrap_or(EXIT_USAGE)),
+        Command::Mount(args) => {
+            let code = match cmd_mount_daemon::try_mount(&args) {
+                Some(code) => code,
+                None => cmd_mount::run_mount(args)?,
+            };
+            Ok(u8::try_from(code).unwrap_or(EXIT_USAGE))
+        }
         Command::Umount(args) => {
             Ok(u8::try_from(cmd_mount::run_umount(args)?).unwrap_or(EXIT_USAGE))
         }

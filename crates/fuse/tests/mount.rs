@@ -945,6 +945,25 @@ fn the_server_is_confined_and_its_supervisor_cleans_up() {
     assert_eq!(status_field(server, "CapEff:"), "0000000000000000");
     assert_eq!(status_field(server, "NoNewPrivs:"), "1");
     assert_eq!(status_field(server, "Seccomp:"), "2");
+    // Only the fds serving needs: stdio (on /dev/null), the image and the
+    // /dev/fuse clones.
+    for fd in std::fs::read_dir(format!("/proc/{server}/fd")).unwrap() {
+        let fd = fd.unwrap();
+        let target = std::fs::read_link(fd.path()).unwrap();
+        let n: u32 = fd.file_name().to_str().unwrap().parse().unwrap();
+        let ok = match n {
+            0..=2 => target == Path::new("/dev/null"),
+            _ => target == Path::new("/dev/fuse") || target.ends_with("plain.erofs"),
+        };
+        assert!(ok, "server fd {n} -> {}", target.display());
+    }
+    // A network namespace of its own.
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(
+        ns(&server.to_string()),
+        ns("self"),
+        "the server shares the host's network namespace"
+    );
     // Still serving once confined.
     let (file, sum) = sample_file(&corpus_dir());
     let out = Command::new("sha256sum")
