@@ -59,6 +59,9 @@ pub struct MountRequest {
     pub options: Vec<String>,
     /// Serve unconfined (`--no-sandbox`; for debugging only).
     pub no_sandbox: bool,
+    /// dm-verity: the root hash, tree, signature and trust policy (empty:
+    /// only systemd sidecars next to the image, when present).
+    pub verity: verity::VerityOptions,
     /// Say what confinement is in place: to the waiting parent, which
     /// prints it, or on stderr in the foreground (`--sandbox-report`).
     pub sandbox_report: bool,
@@ -374,20 +377,29 @@ fn setup(req: &MountRequest) -> Result<(Session, Arc<mount::Mounted>, Vec<RawFd>
     sys::block_termination_signals()
         .map_err(|e| MountError::usage(format!("cannot block signals: {e}")))?;
     let devices: Vec<&Path> = req.devices.iter().map(PathBuf::as_path).collect();
-    let fs = ErofsFs::open(&req.image, &devices, opts.low_memory).map_err(|e| match e {
-        OpenError::Io(..) => MountError::usage(e.to_string()),
-        OpenError::Image(ref inner) => {
-            let code = if matches!(inner, erofs::Error::Io { .. }) {
-                EXIT_USAGE
-            } else {
-                EXIT_BAD_IMAGE
-            };
-            MountError {
-                code,
+    let fs =
+        ErofsFs::open(&req.image, &devices, opts.low_memory, &req.verity).map_err(|e| match e {
+            OpenError::Io(..) => MountError::usage(e.to_string()),
+            OpenError::Verity(ref inner) => MountError {
+                code: if inner.is_mismatch() || matches!(inner, verity::Error::Untrusted(_)) {
+                    EXIT_BAD_IMAGE
+                } else {
+                    EXIT_USAGE
+                },
                 message: format!("{}: {e}", req.image.display()),
+            },
+            OpenError::Image(ref inner) => {
+                let code = if matches!(inner, erofs::Error::Io { .. }) {
+                    EXIT_USAGE
+                } else {
+                    EXIT_BAD_IMAGE
+                };
+                MountError {
+                    code,
+                    message: format!("{}: {e}", req.image.display()),
+                }
             }
-        }
-    })?;
+        })?;
     let image_fds = fs.fds().to_vec();
     let (dev, mounted) = mount::mount(&req.mountpoint, &opts.mount).map_err(|e| {
         MountError::usage(format!("cannot mount on {}: {e}", req.mountpoint.display()))

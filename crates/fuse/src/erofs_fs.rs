@@ -51,11 +51,38 @@ impl ErofsFs {
     }
 
     /// Open the image at `path` with its extra devices (`low_memory`: see
-    /// [`ImageFile::open`]).
-    pub fn open(path: &Path, devices: &[&Path], low_memory: bool) -> Result<ErofsFs, OpenError> {
+    /// [`ImageFile::open`]). With `verity` options (or systemd sidecars next
+    /// to the image), every block is checked against the dm-verity tree
+    /// before the parser sees it.
+    pub fn open(
+        path: &Path,
+        devices: &[&Path],
+        low_memory: bool,
+        verity: &verity::VerityOptions,
+    ) -> Result<ErofsFs, OpenError> {
         let primary = ImageFile::open(path, low_memory)
             .map_err(|e| OpenError::Io(path.display().to_string(), e))?;
         let mut fds = vec![primary.fd()];
+        let mut primary: Arc<dyn ReadAt> = Arc::new(primary);
+        // The policy (root hash, sidecars, signature, where the tree is)
+        // is settled by the verity crate; the reads themselves go through
+        // our own files, whose descriptors the sandbox keeps.
+        let opened = verity::open_image(path, verity).map_err(OpenError::Verity)?;
+        if let Some(info) = opened.verity {
+            drop(opened.reader);
+            let tree: Option<Arc<dyn ReadAt>> = if info.tree_path == path {
+                None
+            } else {
+                let t = ImageFile::open(&info.tree_path, low_memory)
+                    .map_err(|e| OpenError::Io(info.tree_path.display().to_string(), e))?;
+                fds.push(t.fd());
+                Some(Arc::new(t))
+            };
+            let verified =
+                verity::open_verified(primary, tree, info.geometry.hash_offset(), info.root_hash)
+                    .map_err(OpenError::Verity)?;
+            primary = Arc::new(verified);
+        }
         let mut extra: Vec<Arc<dyn ReadAt>> = Vec::new();
         for d in devices {
             let f = ImageFile::open(d, low_memory)
@@ -63,7 +90,7 @@ impl ErofsFs {
             fds.push(f.fd());
             extra.push(Arc::new(f));
         }
-        let image = Image::open_with_devices(Arc::new(primary), extra).map_err(OpenError::Image)?;
+        let image = Image::open_with_devices(primary, extra).map_err(OpenError::Image)?;
         // Check the root now so a broken image fails the mount, not the
         // first request.
         image.inode(image.root_nid()).map_err(OpenError::Image)?;
@@ -124,6 +151,9 @@ pub enum OpenError {
     Io(String, io::Error),
     /// The image is bad (or uses what the reader does not support).
     Image(Error),
+    /// dm-verity refused the image (wrong root hash, untrusted signature)
+    /// or its options.
+    Verity(verity::Error),
 }
 
 impl std::fmt::Display for OpenError {
@@ -131,6 +161,7 @@ impl std::fmt::Display for OpenError {
         match self {
             OpenError::Io(path, e) => write!(f, "{path}: {e}"),
             OpenError::Image(e) => write!(f, "{e}"),
+            OpenError::Verity(e) => write!(f, "{e}"),
         }
     }
 }

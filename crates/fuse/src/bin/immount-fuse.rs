@@ -12,6 +12,8 @@ use clap::Parser;
 
 #[derive(Parser, Debug)]
 #[command(name = "immount-fuse", about = "Mount an EROFS image through FUSE")]
+// Parsed once per run: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Cli {
     /// Mount IMAGE on MOUNTPOINT.
     Mount(cmd_mount::MountArgs),
