@@ -267,39 +267,6 @@ pub fn fd_is_open(fd: BorrowedFd<'_>) -> bool {
     rustix::io::fcntl_getfd(fd.as_fd()).is_ok()
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn clone_ioctl_number_matches_the_uapi_header() {
-        // Value printed by a C program including <linux/fuse.h> on x86-64.
-        assert_eq!(FUSE_DEV_IOC_CLONE, 0x8004_e500);
-    }
-
-    #[test]
-    fn fd_passing_round_trip() {
-        let (a, b) = socketpair().unwrap();
-        let (r, _w) = pipe().unwrap();
-        let fds = [r.as_fd()];
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
-        assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
-        rustix::net::sendmsg(
-            &a,
-            &[io::IoSlice::new(b"x")],
-            &mut control,
-            rustix::net::SendFlags::empty(),
-        )
-        .unwrap();
-        let got = recv_fd(b.as_fd()).unwrap().expect("a descriptor");
-        assert!(fd_is_open(got.as_fd()));
-        drop(a);
-        assert!(recv_fd(b.as_fd()).unwrap().is_none());
-    }
-}
-
 /// `fork(2)`, only while this process has a single thread: `Ok(None)` in
 /// the child, `Ok(Some(pid))` in the parent. Used to split a supervisor
 /// (which keeps the right to unmount) from a server about to confine
@@ -344,4 +311,37 @@ pub fn malloc_never_trim() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clone_ioctl_number_matches_the_uapi_header() {
+        // Value printed by a C program including <linux/fuse.h> on x86-64.
+        assert_eq!(FUSE_DEV_IOC_CLONE, 0x8004_e500);
+    }
+
+    #[test]
+    fn fd_passing_round_trip() {
+        let (a, b) = socketpair().unwrap();
+        let (r, _w) = pipe().unwrap();
+        let fds = [r.as_fd()];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(rustix::net::SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(
+            &a,
+            &[io::IoSlice::new(b"x")],
+            &mut control,
+            rustix::net::SendFlags::empty(),
+        )
+        .unwrap();
+        let got = recv_fd(b.as_fd()).unwrap().expect("a descriptor");
+        assert!(fd_is_open(got.as_fd()));
+        drop(a);
+        assert!(recv_fd(b.as_fd()).unwrap().is_none());
+    }
 }
