@@ -32,27 +32,9 @@ pub struct MountArgs {
     /// Never go through immountd; mount with fusermount3 or directly.
     #[arg(long = "no-daemon")]
     pub no_daemon: bool,
-    /// Check every block against this dm-verity root hash (default: the
-    /// IMAGE.roothash sidecar, if present).
-    #[arg(long, value_name = "HEX")]
-    pub root_hash: Option<String>,
-    /// Detached PKCS#7 signature of the root hash (default: the
-    /// IMAGE.roothash.p7s sidecar).
-    #[arg(long, value_name = "FILE")]
-    pub root_hash_sig: Option<PathBuf>,
-    /// The hash tree (default: the IMAGE.verity sidecar, else the image at
-    /// --hash-offset).
-    #[arg(long, value_name = "FILE")]
-    pub verity_data: Option<PathBuf>,
-    /// Offset of the hash tree in --verity-data or in the image.
-    #[arg(long, value_name = "N")]
-    pub hash_offset: Option<u64>,
-    /// Directory of trusted X.509 certificates for signatures.
-    #[arg(long, value_name = "DIR")]
-    pub trust_dir: Option<PathBuf>,
-    /// Refuse images whose root hash is not signed by a trusted certificate.
-    #[arg(long)]
-    pub require_signature: bool,
+    /// dm-verity: check every block before the parser sees it.
+    #[command(flatten)]
+    pub verity: crate::cmd_verity::VerityArgs,
     /// Append the background server's messages (image faults) to FILE.
     #[arg(long = "log", value_name = "FILE")]
     pub log: Option<PathBuf>,
@@ -88,28 +70,12 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<i32> {
             Err(e) => report(&e),
         });
     }
-    let root_hash = match args
-        .root_hash
-        .as_deref()
-        .map(str::parse::<verity::RootHash>)
-        .transpose()
-    {
-        Ok(r) => r,
+    let verity = match args.verity.options() {
+        Ok(v) => v,
         Err(e) => {
-            eprintln!("immount: --root-hash: {e}");
+            eprintln!("immount: {e:#}");
             return Ok(fuse::daemon::EXIT_USAGE);
         }
-    };
-    let verity = verity::VerityOptions {
-        root_hash,
-        root_hash_sig: args.root_hash_sig,
-        verity_data: args.verity_data,
-        hash_offset: args.hash_offset,
-        no_sidecars: false,
-        trust: verity::TrustPolicy {
-            trust_dir: args.trust_dir,
-            require_signature: args.require_signature,
-        },
     };
     let request = fuse::MountRequest {
         verity,

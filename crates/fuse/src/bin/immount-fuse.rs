@@ -7,6 +7,10 @@
 
 #[path = "../../../cli/src/cmd_mount.rs"]
 mod cmd_mount;
+// cmd_mount's verity options; the `verity` subcommand itself is unused here.
+#[allow(dead_code)]
+#[path = "../../../cli/src/cmd_verity.rs"]
+mod cmd_verity;
 
 use clap::Parser;
 
