@@ -87,22 +87,17 @@ fn write_file(image: &Image, p: &Path, inode: &Inode) -> anyhow::Result<()> {
         .open(p)
         .with_context(|| format!("cannot create {}", p.display()))?;
     let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    while off < inode.size {
-        let n = image.read(inode, off, &mut buf)?;
-        if n == 0 {
-            anyhow::bail!(erofs::Error::corrupt_nid(inode.nid, "file data ends early"));
-        }
+    image.for_each_piece(inode, &mut buf, |off, piece| {
         // Keep holes as holes: seek over all-zero pieces.
-        if buf[..n].iter().all(|&b| b == 0) {
-            f.set_len(off + n as u64)?;
+        if piece.iter().all(|&b| b == 0) {
+            f.set_len(off + piece.len() as u64)?;
         } else {
             use std::io::{Seek, SeekFrom};
             f.seek(SeekFrom::Start(off))?;
-            f.write_all(&buf[..n])?;
+            f.write_all(piece)?;
         }
-        off += n as u64;
-    }
+        Ok::<(), anyhow::Error>(())
+    })?;
     f.set_len(inode.size)?;
     Ok(())
 }

@@ -68,18 +68,10 @@ fn hex(bytes: &[u8]) -> String {
 pub fn file_sha256(image: &Image, inode: &Inode) -> erofs::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    while off < inode.size {
-        let n = image.read(inode, off, &mut buf)?;
-        if n == 0 {
-            return Err(erofs::Error::corrupt_nid(
-                inode.nid,
-                "file data ends before its size",
-            ));
-        }
-        h.update(&buf[..n]);
-        off += n as u64;
-    }
+    image.for_each_piece(inode, &mut buf, |_, piece| {
+        h.update(piece);
+        Ok::<(), erofs::Error>(())
+    })?;
     Ok(hex(&h.finalize()))
 }
 

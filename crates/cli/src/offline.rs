@@ -250,17 +250,12 @@ pub fn cat(args: &ImageArgs, path: &str) -> anyhow::Result<u8> {
     }
     let mut out = std::io::stdout().lock();
     let mut buf = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    while off < inode.size {
-        let n = image
-            .read(&inode, off, &mut buf)
-            .with_context(|| path.to_string())?;
-        if n == 0 {
-            break;
-        }
-        out.write_all(&buf[..n])?;
-        off += n as u64;
-    }
+    image
+        .for_each_piece(&inode, &mut buf, |_, piece| {
+            out.write_all(piece)?;
+            Ok::<(), anyhow::Error>(())
+        })
+        .with_context(|| path.to_string())?;
     out.flush()?;
     Ok(0)
 }
@@ -422,14 +417,7 @@ pub fn fsck(args: &ImageArgs, verbose: bool) -> anyhow::Result<u8> {
         image.list_xattrs(inode)?;
         match inode.file_type() {
             FileType::Regular => {
-                let mut off = 0;
-                while off < inode.size {
-                    let n = image.read(inode, off, &mut buf)?;
-                    if n == 0 {
-                        return Err(erofs::Error::corrupt_nid(inode.nid, "file data ends early"));
-                    }
-                    off += n as u64;
-                }
+                image.for_each_piece(inode, &mut buf, |_, _| Ok::<(), erofs::Error>(()))?;
                 bytes += inode.size;
             }
             FileType::Symlink => {

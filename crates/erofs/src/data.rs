@@ -46,6 +46,27 @@ impl Image {
             .map_err(|e| e.with_nid(inode.nid))
     }
 
+    /// Read the whole of a file from its start, a piece of at most
+    /// `buf.len()` bytes at a time, handing each piece and its offset to `f`.
+    /// Data that ends before the file's size is a corruption error.
+    pub fn for_each_piece<E: From<Error>>(
+        &self,
+        inode: &Inode,
+        buf: &mut [u8],
+        mut f: impl FnMut(u64, &[u8]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let mut off = 0u64;
+        while off < inode.size {
+            let n = self.read(inode, off, buf)?;
+            if n == 0 {
+                return Err(Error::corrupt_nid(inode.nid, "file data ends before its size").into());
+            }
+            f(off, &buf[..n])?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
     /// Read the data of any inode that has data (files, symlinks,
     /// directories, the metabox and packed inodes).
     pub(crate) fn read_data(&self, inode: &Inode, offset: u64, buf: &mut [u8]) -> Result<usize> {
