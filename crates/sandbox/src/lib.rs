@@ -37,7 +37,8 @@
 //! 4. capability bounding and ambient sets emptied (needs `CAP_SETPCAP`,
 //!    so before the identity change);
 //! 5. identity, as root: `setgroups([])`, `setresgid`, `setresuid`,
-//!    process-wide;
+//!    process-wide; skipped, with one log line, when a user namespace maps
+//!    no such uid or gid (`unshare -Ur`), and every other step still runs;
 //! 6. `RLIMIT_NPROC` = 0 when no threads are wanted (after the uid change:
 //!    the limit counts the tasks of the real uid);
 //! 7. the remaining capability sets emptied;
@@ -280,6 +281,9 @@ pub struct SandboxReport {
     pub gid: u32,
     /// Whether `apply` changed the identity (started as root).
     pub identity_changed: bool,
+    /// The identity step: done, not needed (not root), or skipped because
+    /// the user namespace maps no uid/gid to switch to (`unshare -Ur`).
+    pub identity: Step,
     /// Whether the bounding and ambient sets were emptied.
     pub bounding_set: Step,
     /// The effective, permitted and inheritable sets are empty.
@@ -308,6 +312,7 @@ impl SandboxReport {
             uid: rustix::process::getuid().as_raw(),
             gid: rustix::process::getgid().as_raw(),
             identity_changed: false,
+            identity: off(),
             bounding_set: off(),
             capabilities_dropped: false,
             not_dumpable: false,
@@ -369,10 +374,11 @@ impl fmt::Display for SandboxReport {
             "  identity:          uid {} gid {}{}",
             self.uid,
             self.gid,
-            if self.identity_changed {
-                " (switched from root, no supplementary groups)"
-            } else {
-                " (unchanged)"
+            match (&self.identity, self.identity_changed) {
+                (Step::Done, true) => " (switched from root, no supplementary groups)".to_owned(),
+                (Step::Skipped(why), _) if why.starts_with(IDENTITY_IMPOSSIBLE) =>
+                    format!(" (unchanged: {why})"),
+                _ => " (unchanged)".to_owned(),
             }
         )?;
         writeln!(f, "  bounding/ambient:  {}", self.bounding_set)?;
@@ -486,6 +492,76 @@ fn landlock_step() -> Result<LandlockReport, SandboxError> {
     })
 }
 
+/// Start of the reason recorded when the identity switch cannot happen.
+const IDENTITY_IMPOSSIBLE: &str = "no uid/gid to switch to";
+
+/// What the identity step can do, decided while `/proc` is still visible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum IdentityPlan {
+    /// Not root: nothing to switch.
+    NotRoot,
+    /// Root with the target ids mapped; `drop_groups` is false when the user
+    /// namespace denies `setgroups` (its groups are then unmapped and grant
+    /// nothing).
+    Switch { drop_groups: bool },
+    /// Root of a user namespace that does not map the target uid or gid.
+    Impossible(String),
+}
+
+/// Whether `id` falls in one of the ranges of a `uid_map`/`gid_map` text
+/// (`inside outside count` per line); `None` when the text is unreadable.
+fn id_mapped(map: &str, id: u32) -> Option<bool> {
+    let mut any_line = false;
+    for line in map.lines() {
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let [inside, _, count] = fields[..] else {
+            return None;
+        };
+        any_line = true;
+        if inside <= u64::from(id) && u64::from(id) < inside.saturating_add(count) {
+            return Some(true);
+        }
+    }
+    any_line.then_some(false)
+}
+
+fn plan_identity(uid: u32, gid: u32) -> IdentityPlan {
+    let mapped = |file: &str, id: u32| {
+        std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| id_mapped(&text, id))
+    };
+    // Unreadable maps: try the switch and let it report its own error.
+    let uid_ok = mapped("/proc/self/uid_map", uid).unwrap_or(true);
+    let gid_ok = mapped("/proc/self/gid_map", gid).unwrap_or(true);
+    if !uid_ok || !gid_ok {
+        let what = match (uid_ok, gid_ok) {
+            (false, false) => format!("uid {uid} and gid {gid}"),
+            (false, true) => format!("uid {uid}"),
+            _ => format!("gid {gid}"),
+        };
+        return IdentityPlan::Impossible(format!("this user namespace does not map {what}"));
+    }
+    let setgroups_denied = std::fs::read_to_string("/proc/self/setgroups")
+        .map(|s| s.trim() == "deny")
+        .unwrap_or(false);
+    IdentityPlan::Switch {
+        drop_groups: !setgroups_denied,
+    }
+}
+
+/// Writes one line to the log descriptor, if any (best effort: the log is
+/// not worth failing the confinement for).
+fn log_line(log_fd: Option<RawFd>, line: &str) {
+    if let Some(fd) = log_fd {
+        let _ = immount_sys::sandbox::write_line(fd, line);
+    }
+}
+
 /// Confines the calling process; see the crate documentation for the order
 /// of the steps. On error the process is partly confined and should exit.
 pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
@@ -510,6 +586,11 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     }
     // Read before the mount namespace hides /proc.
     let last_cap = last_capability();
+    let identity_plan = if euid == 0 {
+        plan_identity(cfg.uid, cfg.gid)
+    } else {
+        IdentityPlan::NotRoot
+    };
     let own_pid = rustix::process::getpid().as_raw_pid().unsigned_abs();
     // Built before anything is dropped, so a build error leaves the process
     // untouched.
@@ -549,17 +630,31 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
         Err(e) => Step::Skipped(format!("no CAP_SETPCAP: {e}")),
     };
 
-    // 5. Identity, process-wide.
-    let identity_changed = made.privileged;
-    if made.privileged {
-        immount_sys::sandbox::set_process_ids(cfg.uid, cfg.gid).map_err(|source| {
-            SandboxError::Identity {
-                uid: cfg.uid,
-                gid: cfg.gid,
-                source,
-            }
-        })?;
-    }
+    // 5. Identity, process-wide. Root of a user namespace that maps only
+    //    itself (`unshare -Ur`) has no other uid to become: that one step
+    //    is skipped, said in one log line, and every other step still runs
+    //    (outside the namespace this "root" is an ordinary user anyway, and
+    //    it keeps no capability).
+    let identity = match (&identity_plan, made.privileged) {
+        (_, false) => Step::Skipped("not started as root".into()),
+        (IdentityPlan::Impossible(why), true) => {
+            let why = format!("{IDENTITY_IMPOSSIBLE}: {why}");
+            log_line(cfg.log_fd, &format!("immount-sandbox: uid/gid switch skipped ({why}); every other confinement step applies"));
+            Step::Skipped(why)
+        }
+        (IdentityPlan::Switch { drop_groups }, true) => {
+            immount_sys::sandbox::set_process_ids(cfg.uid, cfg.gid, *drop_groups).map_err(
+                |source| SandboxError::Identity {
+                    uid: cfg.uid,
+                    gid: cfg.gid,
+                    source,
+                },
+            )?;
+            Step::Done
+        }
+        (IdentityPlan::NotRoot, true) => Step::Skipped("not started as root".into()),
+    };
+    let identity_changed = identity == Step::Done;
 
     // 6. No new processes (threads count as well, hence only without them).
     if cfg.allow_threads {
@@ -613,6 +708,7 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
         uid,
         gid,
         identity_changed,
+        identity,
         bounding_set,
         capabilities_dropped: true,
         not_dumpable: true,
@@ -754,6 +850,22 @@ mod tests {
         ] {
             assert!(report.contains(key), "missing {key:?} in\n{report}");
         }
+    }
+
+    #[test]
+    fn id_maps_are_read_range_by_range() {
+        let root_only = "         0          0          1\n";
+        assert_eq!(id_mapped(root_only, 0), Some(true));
+        assert_eq!(id_mapped(root_only, NOBODY), Some(false));
+        let initial = "         0          0 4294967295\n";
+        assert_eq!(id_mapped(initial, NOBODY), Some(true));
+        assert_eq!(id_mapped(initial, u32::MAX - 1), Some(true));
+        let two = "0 1000 1\n1 100000 65536\n";
+        assert_eq!(id_mapped(two, NOBODY), Some(true));
+        assert_eq!(id_mapped(two, 65537), Some(false));
+        assert_eq!(id_mapped("", 0), None);
+        assert_eq!(id_mapped("0 0\n", 0), None);
+        assert_eq!(id_mapped("x y z\n", 0), None);
     }
 
     #[test]

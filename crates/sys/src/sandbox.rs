@@ -80,17 +80,34 @@ fn close_range(first: u32, last: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Switches the whole process (every thread) to `uid`/`gid` with no
-/// supplementary groups: `setgroups([])`, `setresgid(gid, gid, gid)`,
-/// `setresuid(uid, uid, uid)`, in that order (the group calls need the
-/// privilege the uid change gives up).
+/// Writes `line` and a newline to descriptor `fd` with one `write(2)`,
+/// without taking ownership of `fd` (a log descriptor someone else owns).
+pub fn write_line(fd: RawFd, line: &str) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    // SAFETY: write(2) reads `buf.len()` bytes from a live buffer and
+    // touches no other memory; a bad descriptor is an error, not UB.
+    let rc = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Switches the whole process (every thread) to `uid`/`gid`: with
+/// `drop_groups`, `setgroups([])` first (no supplementary groups), then
+/// `setresgid(gid, gid, gid)` and `setresuid(uid, uid, uid)`, in that order
+/// (the group calls need the privilege the uid change gives up).
+/// `drop_groups` is false only in a user namespace that denies `setgroups`,
+/// where the inherited groups are unmapped ones.
 ///
 /// The kernel calls are per thread; glibc's wrappers broadcast them to every
 /// thread of the process, which is why this goes through libc and not a raw
 /// syscall.
-pub fn set_process_ids(uid: u32, gid: u32) -> io::Result<()> {
+pub fn set_process_ids(uid: u32, gid: u32, drop_groups: bool) -> io::Result<()> {
     // SAFETY: setgroups with a zero count never reads the (null) list.
-    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+    if drop_groups && unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: plain integer arguments, no memory is touched.
