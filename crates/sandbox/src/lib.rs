@@ -65,6 +65,7 @@ mod supervise;
 use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 use landlock::{
     Access, AccessFs, AccessNet, LandlockStatus, Ruleset, RulesetAttr, RulesetStatus, Scope, ABI,
@@ -255,6 +256,9 @@ pub struct SeccompReport {
     pub conditional: usize,
     /// Instructions of the BPF allowlist.
     pub instructions: usize,
+    /// Installed with `SECCOMP_FILTER_FLAG_SPEC_ALLOW` (seccomp does not
+    /// force the Speculative Store Bypass mitigation on the server).
+    pub spec_allow: bool,
 }
 
 /// What [`apply`] did; `Display` prints it for a human.
@@ -296,6 +300,9 @@ pub struct SandboxReport {
     pub landlock: LandlockReport,
     /// The seccomp step.
     pub seccomp: Option<SeccompReport>,
+    /// How long each step of [`apply`] took, in order (the sandbox's share
+    /// of the mount time).
+    pub timings: Vec<(&'static str, Duration)>,
 }
 
 impl SandboxReport {
@@ -323,6 +330,7 @@ impl SandboxReport {
                 status: "not applied".into(),
             },
             seccomp: None,
+            timings: Vec::new(),
         }
     }
 }
@@ -413,11 +421,57 @@ impl fmt::Display for SandboxReport {
         match &self.seccomp {
             Some(s) => writeln!(
                 f,
-                "  seccomp:           {} syscalls allowed on {} ({} with restricted arguments, {} BPF instructions), anything else kills",
-                s.syscalls, s.arch, s.conditional, s.instructions
-            ),
-            None => writeln!(f, "  seccomp:           none"),
+                "  seccomp:           {} syscalls allowed on {} ({} with restricted arguments, {} BPF instructions), anything else kills{}",
+                s.syscalls,
+                s.arch,
+                s.conditional,
+                s.instructions,
+                if s.spec_allow { "; SPEC_ALLOW" } else { "" }
+            )?,
+            None => writeln!(f, "  seccomp:           none")?,
         }
+        if !self.timings.is_empty() {
+            let total: Duration = self.timings.iter().map(|(_, d)| *d).sum();
+            let steps: Vec<String> = self
+                .timings
+                .iter()
+                .map(|(name, d)| format!("{name} {}", micros(*d)))
+                .collect();
+            writeln!(
+                f,
+                "  setup time:        {} ({})",
+                micros(total),
+                steps.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A duration in microseconds, for the report.
+fn micros(d: Duration) -> String {
+    format!("{} µs", d.as_micros())
+}
+
+/// Records how long each step takes.
+struct Laps {
+    last: Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl Laps {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    /// Ends the step called `name`.
+    fn lap(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.laps.push((name, now.duration_since(self.last)));
+        self.last = now;
     }
 }
 
@@ -573,6 +627,7 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
             "socket() cannot be allowed: the sandbox denies it in any case".into(),
         ));
     }
+    let mut laps = Laps::new();
     let threads = thread_count().map_err(SandboxError::Threads)?;
     if threads != 1 {
         return Err(SandboxError::Threaded { threads });
@@ -595,6 +650,7 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     // Built before anything is dropped, so a build error leaves the process
     // untouched.
     let filters = seccomp::build(cfg.allow_threads, &cfg.extra_syscalls, own_pid)?;
+    laps.lap("checks and BPF build");
 
     // 1. Descriptors.
     let mut keep = cfg.keep_fds.clone();
@@ -602,6 +658,7 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     keep.sort_unstable();
     keep.dedup();
     immount_sys::sandbox::close_fds_except(&keep).map_err(SandboxError::CloseFds)?;
+    laps.lap("close fds");
 
     // 2. Limits that do not depend on the uid.
     let mut rlimits = Vec::new();
@@ -614,8 +671,11 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     }
     rlimits.push(("RLIMIT_DATA", cfg.memory_limit));
 
+    laps.lap("limits");
+
     // 3. Namespaces and the empty root.
     let made = namespaces::enter(euid, egid)?;
+    laps.lap("namespaces");
 
     // 4. Bounding and ambient sets, while CAP_SETPCAP is still held (as
     //    root, or by anyone in the new user namespace).
@@ -683,8 +743,11 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     // 9. no_new_privs (landlock and seccomp need it unprivileged anyway).
     rustix::thread::set_no_new_privs(true).map_err(|e| SandboxError::NoNewPrivs(e.into()))?;
 
+    laps.lap("identity and capabilities");
+
     // 10. Landlock.
     let landlock = landlock_step()?;
+    laps.lap("landlock");
 
     // Read for the report while getuid is still allowed.
     let (uid, gid) = (
@@ -695,7 +758,8 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     // 11. Seccomp, last.
     immount_sys::sandbox::install_sigsys_reporter(cfg.log_fd.unwrap_or(-1), seccomp::DIE_SYSCALL)
         .map_err(SandboxError::SigsysHandler)?;
-    seccomp::install(&filters)?;
+    let spec_allow = seccomp::install(&filters)?;
+    laps.lap("seccomp");
 
     Ok(SandboxReport {
         enabled: true,
@@ -719,7 +783,9 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
             syscalls: filters.syscalls,
             conditional: filters.conditional,
             instructions: filters.allowlist.len(),
+            spec_allow,
         }),
+        timings: laps.laps,
     })
 }
 

@@ -367,13 +367,31 @@ pub(crate) fn build(
     })
 }
 
-/// Installs both filters on every thread of the process (TSYNC).
-pub(crate) fn install(filters: &Filters) -> Result<(), SandboxError> {
-    seccompiler::apply_filter_all_threads(&filters.clone3)
-        .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
-    seccompiler::apply_filter_all_threads(&filters.allowlist)
-        .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
-    Ok(())
+fn to_libc(program: &BpfProgram) -> Vec<libc::sock_filter> {
+    program
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect()
+}
+
+/// Installs both filters on every thread of the process (TSYNC), with
+/// `SECCOMP_FILTER_FLAG_SPEC_ALLOW`: Speculative Store Bypass only leaks
+/// memory of the process itself, which holds nothing a compromised server
+/// does not already read, so seccomp must not force its costly mitigation
+/// (as a kernel booted with `spec_store_bypass_disable=seccomp` does).
+/// Returns whether the kernel took the flag.
+pub(crate) fn install(filters: &Filters) -> Result<bool, SandboxError> {
+    let mut spec_allowed = true;
+    for program in [&filters.clone3, &filters.allowlist] {
+        spec_allowed &= immount_sys::sandbox::install_seccomp_filter(&to_libc(program), true)
+            .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    }
+    Ok(spec_allowed)
 }
 
 #[cfg(test)]

@@ -160,6 +160,64 @@ pub fn unshare_namespaces(ns: Namespaces) -> io::Result<()> {
     unsafe { rustix::thread::unshare_unsafe(flags) }.map_err(io::Error::from)
 }
 
+/// Installs a classic BPF seccomp filter on every thread of the process
+/// (`SECCOMP_FILTER_FLAG_TSYNC`), returning whether
+/// `SECCOMP_FILTER_FLAG_SPEC_ALLOW` was in force.
+///
+/// With `spec_allow` the filter does not make the kernel force the
+/// Speculative Store Bypass mitigation on the process, which a kernel booted
+/// with `spec_store_bypass_disable=seccomp` would otherwise do at a cost on
+/// every load; a kernel older than 4.17 refuses the flag, and the filter is
+/// then installed without it. `no_new_privs` (or `CAP_SYS_ADMIN`) must be set
+/// first, as for any filter.
+pub fn install_seccomp_filter(filter: &[libc::sock_filter], spec_allow: bool) -> io::Result<bool> {
+    let len = libc::c_ushort::try_from(filter.len())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let prog = libc::sock_fprog {
+        len,
+        // The kernel only reads the program (the field is *mut in C).
+        filter: filter.as_ptr().cast_mut(),
+    };
+    let attempts: &[libc::c_ulong] = if spec_allow {
+        &[
+            libc::SECCOMP_FILTER_FLAG_TSYNC | libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW,
+            libc::SECCOMP_FILTER_FLAG_TSYNC,
+        ]
+    } else {
+        &[libc::SECCOMP_FILTER_FLAG_TSYNC]
+    };
+    let mut last = io::Error::from_raw_os_error(libc::EINVAL);
+    for &flags in attempts {
+        // SAFETY: `prog` points at `len` instructions that outlive the call;
+        // the kernel copies the program and reads no other memory.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                flags,
+                std::ptr::addr_of!(prog),
+            )
+        };
+        match rc {
+            0 => return Ok(flags & libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW != 0),
+            // TSYNC: a thread could not be synchronised; its id is returned.
+            tid if tid > 0 => {
+                return Err(io::Error::other(format!(
+                    "thread {tid} could not take the seccomp filter"
+                )))
+            }
+            _ => {
+                last = io::Error::last_os_error();
+                // Only an unknown flag is worth a retry without it.
+                if last.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(last);
+                }
+            }
+        }
+    }
+    Err(last)
+}
+
 /// Where the `SIGSYS` handler writes its report (-1: nowhere).
 static SIGSYS_LOG_FD: AtomicI32 = AtomicI32::new(-1);
 /// A syscall that the seccomp filter always traps, made by the handler to
