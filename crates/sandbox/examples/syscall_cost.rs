@@ -3,10 +3,11 @@
 //!
 //! usage (root for the full sandbox): `syscall_cost [ITERATIONS]`
 //!
-//! `pread64` and `read` are allowed with any arguments, which the kernel's
-//! seccomp action cache answers without running the filter; `fcntl` and
-//! `statx` are allowed only with some arguments, so the BPF program runs for
-//! each of them. Each figure is the best of five rounds, to keep a burst of
+//! `pread64` (syscall 17, early in the BPF program) and `preadv2` (327, the
+//! last syscall the program compares) are allowed with any arguments, which
+//! the kernel's seccomp action cache answers without running the filter:
+//! they cost the same. `fcntl` and `statx` are allowed only with some
+//! arguments, so the BPF program runs for each of them. Each figure is the best of five rounds, to keep a burst of
 //! load from elsewhere out of it.
 
 use std::fs::File;
@@ -40,6 +41,25 @@ fn measure(file: &File, iterations: u32) -> Vec<(&'static str, f64)> {
             "pread64 4 KiB",
             best_ns_per_call(iterations, || {
                 let _ = rustix::io::pread(file, &mut page, 0);
+            }),
+        ),
+        (
+            "preadv2 1 byte",
+            best_ns_per_call(iterations, || {
+                let mut bufs = [std::io::IoSliceMut::new(&mut byte)];
+                let _ =
+                    rustix::io::preadv2(file, &mut bufs, 0, rustix::io::ReadWriteFlags::empty());
+            }),
+        ),
+        (
+            "fadvise64 WILLNEED 4 KiB",
+            best_ns_per_call(iterations, || {
+                let _ = rustix::fs::fadvise(
+                    file,
+                    0,
+                    std::num::NonZeroU64::new(4096),
+                    rustix::fs::Advice::WillNeed,
+                );
             }),
         ),
         (

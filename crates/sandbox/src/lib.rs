@@ -24,7 +24,8 @@
 //! need a lone thread. Worker threads are started *after* `apply` returns;
 //! they inherit everything. The seccomp filter lets `clone` make threads
 //! (never processes) when [`SandboxConfig::allow_threads`] is set, and is
-//! installed with `SECCOMP_FILTER_FLAG_TSYNC` all the same.
+//! installed with `SECCOMP_FILTER_FLAG_TSYNC` all the same (and
+//! `SECCOMP_FILTER_FLAG_SPEC_ALLOW`: see `seccomp.rs`).
 //!
 //! # Order
 //!
@@ -254,7 +255,8 @@ pub struct SeccompReport {
     pub syscalls: usize,
     /// Of those, allowed only with given arguments.
     pub conditional: usize,
-    /// Instructions of the BPF allowlist.
+    /// Instructions of the BPF program (a binary search on the syscall
+    /// number).
     pub instructions: usize,
     /// Installed with `SECCOMP_FILTER_FLAG_SPEC_ALLOW` (seccomp does not
     /// force the Speculative Store Bypass mitigation on the server).
@@ -674,8 +676,7 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     laps.lap("limits");
 
     // 3. Namespaces and the empty root.
-    let made = namespaces::enter(euid, egid)?;
-    laps.lap("namespaces");
+    let made = namespaces::enter(euid, egid, &mut laps)?;
 
     // 4. Bounding and ambient sets, while CAP_SETPCAP is still held (as
     //    root, or by anyone in the new user namespace).
@@ -782,7 +783,7 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
             arch: seccomp::ARCH,
             syscalls: filters.syscalls,
             conditional: filters.conditional,
-            instructions: filters.allowlist.len(),
+            instructions: filters.program.len(),
             spec_allow,
         }),
         timings: laps.laps,
