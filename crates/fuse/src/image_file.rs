@@ -49,8 +49,12 @@ use immount_sys::fuse as sys;
 /// on the Debian image, a cold stat walk leaves 18 MiB of the image cached
 /// with 64 KiB (14 with 32, 24 with 128).
 pub const META_WINDOW: u64 = 64 * 1024;
-/// How far past a data read to fetch ahead.
-pub const DATA_AHEAD: u64 = 512 * 1024;
+/// How far past a data read to fetch ahead. Cold reads of every file of
+/// the Debian image through the mount, alternated six times on a busy
+/// machine: 2 MiB took a median 0.82 s in 950 disk reads, 512 KiB 0.95 s
+/// in 1,500 (the disk's own readahead, which the kernel's loop mount
+/// rides on, is 2.5 MiB).
+pub const DATA_AHEAD: u64 = 2 * 1024 * 1024;
 /// The smallest read counted as data (see the module docs).
 const MIN_DATA_READ: usize = 512; // a power of two
 
