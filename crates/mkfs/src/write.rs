@@ -664,21 +664,16 @@ pub fn write_image(tree: &Tree, file: &File, opts: &Options) -> Result<BuildRepo
         return Err(Error::input("image too large for 32-bit block addresses"));
     }
     // Slot 0 stays unused: a zero nid means "none" in some fields.
-    let mut cursor = (shared_area.len() as u64)
-        .max(format::ISLOT)
-        .next_multiple_of(format::ISLOT);
+    let mut packer = MetaPacker::new(
+        bs,
+        (shared_area.len() as u64)
+            .max(format::ISLOT)
+            .next_multiple_of(format::ISLOT),
+    );
     for p in &mut plans {
-        let size = p.meta_size() as u64;
-        let off = cursor % bs;
-        // An inode with its xattrs and inline data stays in one block when it
-        // can (the kernel requires it of inline data); a larger one starts a
-        // block so its indexes do not straddle blocks needlessly.
-        if (size <= bs && off + size > bs) || (size > bs && off != 0) {
-            cursor = cursor.next_multiple_of(bs);
-        }
-        p.nid = cursor / format::ISLOT;
-        cursor += size.next_multiple_of(format::ISLOT);
+        p.nid = packer.place(p.meta_size() as u64) / format::ISLOT;
     }
+    let cursor = packer.end();
     let root_nid = plans[0].nid;
     if root_nid > 0xffff {
         return Err(Error::input("the root inode lands beyond nid 65535"));
@@ -829,6 +824,81 @@ pub fn write_image(tree: &Tree, file: &File, opts: &Options) -> Result<BuildRepo
         bytes,
         uuid,
     })
+}
+
+/// Places inodes (with their xattrs and inline data) in the metadata area.
+///
+/// An inode that fits in a block stays in one block (the kernel requires it
+/// of inline data); a larger one starts a block. Inline tails make inodes of
+/// very different sizes, so placing them one after the other would leave a
+/// partly empty block behind each one that does not fit the current block:
+/// instead each goes into the fullest block that still has room for it
+/// (best fit), which packs the area nearly as tight as its contents.
+struct MetaPacker {
+    bs: u64,
+    /// Bytes used in each block of the area.
+    used: Vec<u64>,
+    /// `by_free[k]`: blocks with exactly `k` free inode slots, the most
+    /// recently used last (so neighbours in inode order stay close).
+    by_free: Vec<Vec<usize>>,
+}
+
+impl MetaPacker {
+    /// An area whose first `reserved` bytes are taken already.
+    fn new(bs: u64, reserved: u64) -> MetaPacker {
+        let mut packer = MetaPacker {
+            bs,
+            used: Vec::new(),
+            by_free: vec![Vec::new(); (bs / format::ISLOT) as usize + 1],
+        };
+        let full = reserved / bs;
+        packer.used.resize(full as usize, bs);
+        if !reserved.is_multiple_of(bs) {
+            packer.used.push(reserved % bs);
+            packer.file(full as usize);
+        }
+        packer
+    }
+
+    /// Put block `b` in the bucket of its free space.
+    fn file(&mut self, b: usize) {
+        let free = (self.bs - self.used[b]) / format::ISLOT;
+        if free > 0 {
+            self.by_free[free as usize].push(b);
+        }
+    }
+
+    /// Room for `size` bytes: their offset in the area.
+    fn place(&mut self, size: u64) -> u64 {
+        let size = size.next_multiple_of(format::ISLOT);
+        if size <= self.bs {
+            let want = (size / format::ISLOT) as usize;
+            let found = (want.max(1)..self.by_free.len()).find(|&k| !self.by_free[k].is_empty());
+            let b = match found.and_then(|k| self.by_free[k].pop()) {
+                Some(b) => b,
+                None => {
+                    self.used.push(0);
+                    self.used.len() - 1
+                }
+            };
+            let at = b as u64 * self.bs + self.used[b];
+            self.used[b] += size;
+            self.file(b);
+            return at;
+        }
+        let first = self.used.len();
+        let blocks = size.div_ceil(self.bs);
+        self.used.resize(first + blocks as usize, self.bs);
+        let last = self.used.len() - 1;
+        self.used[last] = size - (blocks - 1) * self.bs;
+        self.file(last);
+        first as u64 * self.bs
+    }
+
+    /// The end of the area's last used block, in bytes.
+    fn end(&self) -> u64 {
+        self.used.len() as u64 * self.bs
+    }
 }
 
 /// A flat file: full blocks now, the tail inline after the inode when it

@@ -139,3 +139,44 @@ fn a_tar_that_ends_early_leaves_no_image() {
         .collect();
     assert_eq!(left.len(), 1, "temporary files left: {left:?}");
 }
+
+#[test]
+fn dedupe_stores_duplicate_files_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    // Text-like data that compresses, in two copies under different names.
+    let mut text = Vec::new();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    while text.len() < 600_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        text.extend_from_slice(format!("line {} of {}\n", x % 5000, x % 7).as_bytes());
+    }
+    for dir in ["a", "b/c"] {
+        std::fs::create_dir_all(src.join(dir)).unwrap();
+        std::fs::write(src.join(dir).join("data.txt"), &text).unwrap();
+    }
+    let mut sizes = Vec::new();
+    let mut manifests = Vec::new();
+    for extra in [None, Some("-Ededupe")] {
+        let img = tmp.path().join(format!("{}.erofs", sizes.len()));
+        let mut args: Vec<&OsStr> = vec!["-q".as_ref(), "-zlz4hc".as_ref(), "-T0".as_ref()];
+        args.extend(extra.map(OsStr::new));
+        args.push(src.as_os_str());
+        args.push(img.as_os_str());
+        let (code, _, err) = build(&args);
+        assert_eq!(code, 0, "{extra:?}: {err}");
+        sizes.push(std::fs::metadata(&img).unwrap().len());
+        manifests.push(manifest_of(&img));
+    }
+    assert_same_manifest("dedupe", &manifests[1], &manifests[0]);
+    // The second copy's pclusters are shared: the image is little more
+    // than half the size (two copies of the data without dedupe).
+    assert!(
+        sizes[1] * 3 < sizes[0] * 2,
+        "dedupe: {} bytes, without: {} bytes",
+        sizes[1],
+        sizes[0]
+    );
+}

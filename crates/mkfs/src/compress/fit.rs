@@ -49,6 +49,13 @@ impl Fitter {
         }
     }
 
+    /// Forget the learned ratio, so that a segment's output depends only
+    /// on its bytes (not on what this thread compressed before): builds stay
+    /// reproducible and identical files compress to identical pclusters.
+    pub fn reset(&mut self) {
+        self.ratio = 3.0;
+    }
+
     fn encode(&mut self, src: &[u8]) -> Option<Vec<u8>> {
         match self.alg {
             Algorithm::Deflate => Some(miniz_oxide::deflate::compress_to_vec(

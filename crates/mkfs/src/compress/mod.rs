@@ -72,8 +72,9 @@ pub struct CompressOptions {
     /// Tails (each file's last extent) in the packed inode, identical tails
     /// stored once.
     pub fragments: bool,
-    /// Share identical data (only identical fragments so far; refused
-    /// without `fragments`).
+    /// Store identical pclusters once: every extent whose compressed
+    /// pcluster and length match one written before references it (such
+    /// files get full indexes); with `fragments`, identical tails too.
     pub dedupe: bool,
 }
 
@@ -86,6 +87,8 @@ const EXTENT_MAX: usize = 1 << 20;
 /// LZMA dictionary and Zstandard window: one extent.
 const DICT_SIZE: u32 = EXTENT_MAX as u32;
 
+/// Compressed file with one 8-byte index per lcluster.
+const LAYOUT_COMPRESSED_FULL: u16 = 1;
 const ADVISE_COMPACTED_2B: u16 = 0x0001;
 const ADVISE_BIG_PCLUSTER_1: u16 = 0x0002;
 const ADVISE_BIG_PCLUSTER_2: u16 = 0x0004;
@@ -96,9 +99,32 @@ const TYPE_PLAIN: u16 = 0;
 const TYPE_HEAD1: u16 = 1;
 const TYPE_NONHEAD: u16 = 2;
 
-/// An extent once written: (input bytes, raw, blocks for the index,
-/// blocks written).
-type ExtentMeta = (u64, bool, u64, u64);
+/// An extent once written.
+#[derive(Debug, Clone, Copy)]
+struct ExtentMeta {
+    /// Input bytes.
+    len: u64,
+    /// Stored uncompressed.
+    raw: bool,
+    /// Blocks of its pcluster (for the index).
+    blocks: u64,
+    /// Blocks written after the previous extent's (0 when inline, a
+    /// fragment, or shared).
+    written: u64,
+    /// The block of an identical pcluster written earlier, when dedupe
+    /// shares it.
+    shared: Option<u64>,
+}
+
+/// What makes two pclusters interchangeable: the same decompressed length,
+/// kind and stored bytes (the decoders are deterministic, so equal stored
+/// bytes decode to equal data).
+type PclusterKey = (u64, bool, [u8; 32]);
+
+fn pcluster_key(e: &Extent) -> PclusterKey {
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(&e.data);
+    (e.len, e.raw, digest.into())
+}
 
 /// One extent: `len` input bytes stored in `data` (whole blocks).
 #[derive(Debug)]
@@ -130,6 +156,11 @@ pub(crate) struct State {
     /// The packed inode's data and where each distinct tail is in it.
     packed: Vec<u8>,
     fragment_at: std::collections::HashMap<Vec<u8>, u32>,
+    /// Pclusters are shared (off for the packed inode, whose fragments are
+    /// distinct already).
+    deduping: bool,
+    /// Where each distinct pcluster was written.
+    pcluster_at: std::collections::HashMap<PclusterKey, u64>,
 }
 
 fn check(c: &CompressOptions, bs: u32) -> Result<()> {
@@ -138,12 +169,6 @@ fn check(c: &CompressOptions, bs: u32) -> Result<()> {
             "pcluster size {} is not a multiple of the block size up to 1 MiB",
             c.pcluster_size
         )));
-    }
-    if c.dedupe && !c.fragments {
-        return Err(Error::Option(
-            "dedupe of pclusters is not implemented (with fragments, identical tails are shared)"
-                .into(),
-        ));
     }
     Ok(())
 }
@@ -315,12 +340,14 @@ impl State {
         let level = opts.level.unwrap_or(opts.algorithm.default_level());
         let fragmenting = opts.fragments;
         State {
-            opts,
             bs,
             level,
             fragmenting,
             packed: Vec::new(),
             fragment_at: std::collections::HashMap::new(),
+            deduping: opts.dedupe,
+            pcluster_at: std::collections::HashMap::new(),
+            opts,
         }
     }
 
@@ -331,6 +358,8 @@ impl State {
         // whose own tail is inline: keep the packed inode's tail in a block.
         self.opts.ztailpacking = false;
         self.fragment_at.clear();
+        self.deduping = false;
+        self.pcluster_at.clear();
         std::mem::take(&mut self.packed)
     }
 
@@ -355,6 +384,9 @@ impl State {
             let Some((_, _, enc)) = slot.as_mut() else {
                 return Vec::new();
             };
+            if let Encoder::Fit(f) = enc {
+                f.reset();
+            }
             let mut out = Vec::new();
             let mut pos = 0usize;
             while pos < src.len() {
@@ -510,6 +542,23 @@ impl State {
                     let Some((_, exts, _)) = cur.as_mut() else {
                         return Err(Error::input("compression bookkeeping lost a file"));
                     };
+                    // With dedupe, a pcluster already in the image is
+                    // referenced instead of written again. The file's last
+                    // extent may still become an inline tail or a fragment,
+                    // so it is looked up once it is known to be written.
+                    let n_ext = file_exts.len();
+                    let mut shared: Vec<Option<u64>> = vec![None; n_ext];
+                    let mut next = out.block();
+                    if self.deduping {
+                        let sure = n_ext - usize::from(ends_here && n_ext > 0);
+                        for (x, e) in file_exts.iter().enumerate().take(sure) {
+                            next = self.share(e, next, &mut shared[x]);
+                        }
+                    }
+                    // Shared pclusters need full indexes (compact ones give
+                    // only the first block of each pack).
+                    let full_indexes = exts.iter().any(|e| e.shared.is_some())
+                        || shared.iter().any(Option::is_some);
                     // With tail packing, the file's last pcluster goes after
                     // its indexes when it fits in the inode's block.
                     let mut tail = None;
@@ -532,13 +581,14 @@ impl State {
                         }
                     } else if ends_here && self.opts.ztailpacking {
                         if let Some(e) = file_exts.last() {
+                            let lclusters = size.div_ceil(bs) as usize;
                             let meta = inode_part(jobs[j].0).next_multiple_of(8)
                                 + 8
-                                + compact_len(
-                                    size.div_ceil(bs) as usize,
-                                    inode_part(jobs[j].0),
-                                    self.bs,
-                                );
+                                + if full_indexes {
+                                    8 + (lclusters + 1) * 8
+                                } else {
+                                    compact_len(lclusters, inode_part(jobs[j].0), self.bs)
+                                };
                             if (e.raw || e.data.len() as u64 == bs) && meta + e.clen <= bs as usize
                             {
                                 let t = if e.raw {
@@ -550,16 +600,39 @@ impl State {
                             }
                         }
                     }
-                    let n_ext = file_exts.len();
+                    let last_stored = tail.is_some() || fragment.is_some();
+                    if self.deduping && ends_here && !last_stored {
+                        if let Some(e) = file_exts.last() {
+                            self.share(e, next, &mut shared[n_ext - 1]);
+                        }
+                    }
                     for (x, e) in file_exts.into_iter().enumerate() {
                         let blocks = e.data.len() as u64 / bs;
-                        if (tail.is_some() || fragment.is_some()) && x + 1 == n_ext {
+                        let meta = ExtentMeta {
+                            len: e.len,
+                            raw: e.raw,
+                            blocks,
+                            written: 0,
+                            shared: None,
+                        };
+                        if last_stored && x + 1 == n_ext {
                             // A fragment's head is a compressed (HEAD1) one
                             // whatever its data was: the kernel and
                             // fsck.erofs refuse plain heads as fragments.
-                            exts.push((e.len, e.raw && fragment.is_none(), blocks, 0));
+                            exts.push(ExtentMeta {
+                                raw: e.raw && fragment.is_none(),
+                                ..meta
+                            });
+                        } else if let Some(at) = shared[x] {
+                            exts.push(ExtentMeta {
+                                shared: Some(at),
+                                ..meta
+                            });
                         } else {
-                            exts.push((e.len, e.raw, blocks, blocks));
+                            exts.push(ExtentMeta {
+                                written: blocks,
+                                ..meta
+                            });
                             out.write(&e.data)?;
                         }
                     }
@@ -588,8 +661,26 @@ impl State {
         Ok(results)
     }
 
-    /// The map header and compact indexes of a file whose extents start at
-    /// block `start`.
+    /// Share `e` with an identical pcluster written before (its block goes
+    /// to `shared`), or note that it is about to be written at block `next`.
+    /// Returns where the next written pcluster will start.
+    fn share(&mut self, e: &Extent, next: u64, shared: &mut Option<u64>) -> u64 {
+        use std::collections::hash_map::Entry;
+        match self.pcluster_at.entry(pcluster_key(e)) {
+            Entry::Occupied(o) => {
+                *shared = Some(*o.get());
+                next
+            }
+            Entry::Vacant(v) => {
+                v.insert(next);
+                next + e.data.len() as u64 / u64::from(self.bs)
+            }
+        }
+    }
+
+    /// The map header and indexes of a file whose written extents start at
+    /// block `start`: compact indexes, or full ones when some pclusters are
+    /// shared (each head then names its own block).
     fn finish_file(
         &self,
         exts: &[ExtentMeta],
@@ -606,23 +697,30 @@ impl State {
         let mut lcs: Vec<Lcluster> = Vec::with_capacity(size.div_ceil(bs) as usize);
         let mut clusterofs = 0u64;
         let mut pblk = start;
-        for &(len, raw, plen, written) in exts {
-            let head_type = if raw { TYPE_PLAIN } else { TYPE_HEAD1 };
-            let mut count = len;
+        for (x, e) in exts.iter().enumerate() {
+            let head_type = if e.raw { TYPE_PLAIN } else { TYPE_HEAD1 };
+            let addr = match e.shared {
+                Some(at) => at as u32,
+                // In full indexes a fragment's head holds the high 32 bits
+                // of its offset in the packed inode (always 0 here).
+                None if fragment.is_some() && x + 1 == exts.len() => 0,
+                None => pblk as u32,
+            };
+            let mut count = e.len;
             let mut d0 = 0u64;
             let mut d1 = (clusterofs + count) >> bbits;
             if d1 == 0 {
-                lcs.push(Lcluster::Head(head_type, clusterofs as u16));
+                lcs.push(Lcluster::Head(head_type, clusterofs as u16, addr));
                 clusterofs = 0;
-                pblk += written;
+                pblk += e.written;
                 continue;
             }
             loop {
                 if d0 == 0 {
-                    lcs.push(Lcluster::Head(head_type, clusterofs as u16));
+                    lcs.push(Lcluster::Head(head_type, clusterofs as u16, addr));
                 } else if d0 == 1 && big {
                     lcs.push(Lcluster::NonHead(
-                        plen as u16 | LI_D0_CBLKCNT,
+                        e.blocks as u16 | LI_D0_CBLKCNT,
                         d1.min(0xffff) as u16,
                     ));
                 } else {
@@ -640,20 +738,31 @@ impl State {
                 }
             }
             clusterofs = count;
-            pblk += written;
+            pblk += e.written;
         }
         if clusterofs != 0 {
-            lcs.push(Lcluster::Head(TYPE_PLAIN, clusterofs as u16));
+            lcs.push(Lcluster::Head(TYPE_PLAIN, clusterofs as u16, 0));
         }
+        // Blocks this file added to the image (shared ones were counted
+        // by their first user).
         let total_blocks = pblk - start;
+        let full = exts.iter().any(|e| e.shared.is_some());
 
         let mut advise = 0u16;
-        if bbits <= 12 {
-            advise |= ADVISE_COMPACTED_2B;
-        }
-        if big {
-            // Compact indexes need both bits alike.
-            advise |= ADVISE_BIG_PCLUSTER_1 | ADVISE_BIG_PCLUSTER_2;
+        if full {
+            // (The bit that means "2-byte packs" in compact indexes means
+            // "extent records" in full ones: it stays clear.)
+            if big {
+                advise |= ADVISE_BIG_PCLUSTER_1;
+            }
+        } else {
+            if bbits <= 12 {
+                advise |= ADVISE_COMPACTED_2B;
+            }
+            if big {
+                // Compact indexes need both bits alike.
+                advise |= ADVISE_BIG_PCLUSTER_1 | ADVISE_BIG_PCLUSTER_2;
+            }
         }
         let hdr_start = inode_part.next_multiple_of(8);
         let mpos = hdr_start + 8;
@@ -673,19 +782,29 @@ impl State {
         inline.extend_from_slice(&advise.to_le_bytes());
         inline.push(self.opts.algorithm.id());
         inline.push(0); // lcluster = block
-        inline.extend_from_slice(&encode_compact(
-            &lcs,
-            mpos,
-            start as u32,
-            big,
-            bbits,
-            advise & ADVISE_COMPACTED_2B != 0,
-        ));
+        if full {
+            // Full indexes start 8 bytes after the map header.
+            inline.extend_from_slice(&[0u8; 8]);
+            inline.extend_from_slice(&encode_full(&lcs));
+        } else {
+            inline.extend_from_slice(&encode_compact(
+                &lcs,
+                mpos,
+                start as u32,
+                big,
+                bbits,
+                advise & ADVISE_COMPACTED_2B != 0,
+            ));
+        }
         if let Some(t) = tail {
             inline.extend_from_slice(&t);
         }
         Ok(FileResult {
-            layout: format::LAYOUT_COMPRESSED_COMPACT,
+            layout: if full {
+                LAYOUT_COMPRESSED_FULL
+            } else {
+                format::LAYOUT_COMPRESSED_COMPACT
+            },
             i_u: total_blocks as u32,
             inline,
         })
@@ -735,8 +854,9 @@ fn compact_len(total: usize, inode_part: usize, bs: u32) -> usize {
 /// One logical cluster's full index.
 #[derive(Debug, Clone, Copy)]
 enum Lcluster {
-    /// A head (type, offset of the extent start in this lcluster).
-    Head(u16, u16),
+    /// A head (type, offset of the extent start in this lcluster, block of
+    /// its pcluster).
+    Head(u16, u16, u32),
     /// A non-head (delta[0], delta[1]).
     NonHead(u16, u16),
 }
@@ -798,7 +918,30 @@ fn encode_compact(
         end4 -= 2;
     }
     if end4 == 1 {
-        st.pack(&mut out, &[lcs[idx], Lcluster::Head(TYPE_PLAIN, 0)], 4);
+        st.pack(&mut out, &[lcs[idx], Lcluster::Head(TYPE_PLAIN, 0, 0)], 4);
+    }
+    out
+}
+
+/// Encode full indexes as stored: 8 bytes per lcluster (advise with the
+/// type, cluster offset, then the pcluster's block for a head or the two
+/// distances for a non-head).
+fn encode_full(lcs: &[Lcluster]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(lcs.len() * 8);
+    for lc in lcs {
+        match *lc {
+            Lcluster::Head(ty, ofs, blkaddr) => {
+                out.extend_from_slice(&ty.to_le_bytes());
+                out.extend_from_slice(&ofs.to_le_bytes());
+                out.extend_from_slice(&blkaddr.to_le_bytes());
+            }
+            Lcluster::NonHead(d0, d1) => {
+                out.extend_from_slice(&TYPE_NONHEAD.to_le_bytes());
+                out.extend_from_slice(&0u16.to_le_bytes());
+                out.extend_from_slice(&d0.to_le_bytes());
+                out.extend_from_slice(&d1.to_le_bytes());
+            }
+        }
     }
     out
 }
@@ -833,7 +976,7 @@ impl PackState {
                     };
                     (TYPE_NONHEAD, off)
                 }
-                Lcluster::Head(ty, ofs) => {
+                Lcluster::Head(ty, ofs, _) => {
                     if self.dummy_head {
                         blkaddr = blkaddr.wrapping_add(1);
                         if update {
