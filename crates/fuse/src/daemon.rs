@@ -203,26 +203,18 @@ pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), 
         Ok(s) => s,
         Err(e) => return fail(notifier, e),
     };
-    let unconfinable = if req.no_sandbox {
-        None
-    } else {
-        identity_unavailable(sandbox::NOBODY)
-    };
-    if req.no_sandbox || unconfinable.is_some() {
+    if req.no_sandbox {
         if let Err(e) = start_signal_thread(mounted.clone()) {
             let _ = mounted.unmount();
             return fail(notifier, e);
         }
-        // Said always when the sandbox could not run, on demand when it
-        // was turned off (the command line warned already).
-        let text = if req.sandbox_report || unconfinable.is_some() {
-            let why = unconfinable.as_deref().unwrap_or("--no-sandbox");
-            format!("sandbox DISABLED ({why}): the server is not confined")
+        // The command line warned already; the report says it on demand.
+        let text = if req.sandbox_report {
+            "sandbox DISABLED (--no-sandbox): the server is not confined".to_owned()
         } else {
             String::new()
         };
-        let print = !text.is_empty();
-        return serve_ready(session, &mounted, notifier, &text, print);
+        return serve_ready(session, &mounted, notifier, &text, req.sandbox_report);
     }
     match sys::fork_single_threaded() {
         Err(e) => {
@@ -269,32 +261,6 @@ pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), 
             };
             serve_ready(session, &mounted, notifier, &text, req.sandbox_report)
         }
-    }
-}
-
-/// Why the sandbox cannot run here, if it cannot: started as root of a user
-/// namespace (`unshare -Ur`) that maps no `uid`/`gid` but 0, the sandbox
-/// finds no identity to switch to and fails half-way. Such a "root" is a
-/// plain user outside, and the mount works unconfined.
-fn identity_unavailable(id: u32) -> Option<String> {
-    if rustix::process::geteuid().as_raw() != 0 {
-        return None;
-    }
-    let maps = |file: &str| -> Option<bool> {
-        let text = std::fs::read_to_string(file).ok()?;
-        Some(text.lines().any(|l| {
-            let f: Vec<u64> = l
-                .split_whitespace()
-                .filter_map(|v| v.parse().ok())
-                .collect();
-            matches!(f[..], [inside, _, count] if (inside..inside + count).contains(&u64::from(id)))
-        }))
-    };
-    match (maps("/proc/self/uid_map"), maps("/proc/self/gid_map")) {
-        (Some(true), Some(true)) | (None, _) | (_, None) => None,
-        _ => Some(format!(
-            "this user namespace maps no uid/gid {id} for the sandbox to switch to"
-        )),
     }
 }
 
