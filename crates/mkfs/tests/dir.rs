@@ -260,3 +260,78 @@ fn xattr_name_filter() {
         }
     }
 }
+
+/// The Debian tree of ../shared/bench/make-rootfs.sh, named by
+/// IMMOUNT_BENCH_ROOTFS: uncompressed, with each algorithm, with tail packing
+/// and with fragments, the kernel's view equals the tree (nothing in it is
+/// beyond what EROFS stores, so there are no exceptions), fsck.erofs accepts
+/// and immount's reader agrees; two uncompressed builds are byte-identical.
+/// Slow, hence ignored; `scripts/debian-tree-test.sh` makes the tree and
+/// runs it.
+#[test]
+#[ignore = "needs the Debian tree in IMMOUNT_BENCH_ROOTFS and minutes: scripts/debian-tree-test.sh"]
+fn debian_tree() {
+    use mkfs::{Algorithm, CompressOptions};
+    let root = std::env::var_os("IMMOUNT_BENCH_ROOTFS")
+        .map(std::path::PathBuf::from)
+        .expect("IMMOUNT_BENCH_ROOTFS names the tree of make-rootfs.sh");
+    assert!(is_root(), "needs root to mount");
+    assert!(
+        root.join("etc/debian_version").is_file(),
+        "{} is not a Debian tree",
+        root.display()
+    );
+    let want = manifest(&root);
+    let tree = mkfs::scan_dir(&root).unwrap();
+    let z = |algorithm, pcluster_size, ztailpacking, fragments| {
+        Some(CompressOptions {
+            algorithm,
+            level: None,
+            pcluster_size,
+            ztailpacking,
+            fragments,
+            dedupe: fragments,
+        })
+    };
+    let configs = [
+        ("plain", None),
+        ("lz4", z(Algorithm::Lz4, 4096, false, false)),
+        ("lz4hc-ztail", z(Algorithm::Lz4hc, 65536, true, false)),
+        ("lz4hc-fragments", z(Algorithm::Lz4hc, 65536, false, true)),
+        ("lzma", z(Algorithm::Lzma, 65536, false, false)),
+        ("deflate", z(Algorithm::Deflate, 65536, false, false)),
+        ("zstd", z(Algorithm::Zstd, 65536, false, false)),
+    ];
+    for (name, compress) in configs {
+        let started = std::time::Instant::now();
+        let work = tempfile::tempdir().unwrap();
+        // Debian's fsck.erofs 1.5 knows 4 KiB blocks, LZ4 and LZMA without
+        // fragments; 1.9.3 checks everything when it is there.
+        let debian = compress.as_ref().is_none_or(|c| {
+            matches!(
+                c.algorithm,
+                Algorithm::Lz4 | Algorithm::Lz4hc | Algorithm::Lzma
+            ) && !c.fragments
+        });
+        let opts = mkfs::Options {
+            compress,
+            ..Default::default()
+        };
+        let img = work.path().join(format!("{name}.erofs"));
+        mkfs::build_image(&tree, &img, &opts).unwrap();
+        check_image(&img, &want, work.path(), debian);
+        if name == "plain" {
+            let again = work.path().join("again.erofs");
+            mkfs::build_image(&tree, &again, &opts).unwrap();
+            assert!(
+                std::fs::read(&img).unwrap() == std::fs::read(&again).unwrap(),
+                "two builds of the Debian tree differ"
+            );
+        }
+        eprintln!(
+            "debian_tree {name}: {} bytes, checked in {:.1}s",
+            std::fs::metadata(&img).unwrap().len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
