@@ -403,7 +403,7 @@ pub fn write_image(tree: &Tree, file: &File, opts: &Options) -> Result<BuildRepo
     for (p, body) in plans.iter_mut().zip(std::mem::take(&mut xattrs.bodies)) {
         p.xattr_body = body;
     }
-    let shared_area = &xattrs.head;
+    let shared_area = std::mem::take(&mut xattrs.head);
 
     let mut incompat = 0u32;
     let cfgs = match &opts.compress {
