@@ -14,7 +14,12 @@
 #   env IMMOUNT_OPTS=.. -o options for immount (e.g. lowmem)
 #   env IMMOUNT_FLAGS=.. more immount mount flags (e.g. --no-sandbox)
 #   env COMPARE_UNCONFINED=1  also measure immount --no-sandbox (the
-#                       sandbox's cost) in the same runs
+#                       sandbox's cost) in the same runs: the two are
+#                       measured back to back, their order alternating from
+#                       run to run, and the cost is the median over runs of
+#                       the paired ratio sandbox / no-sandbox (a table of its
+#                       own, with the sandbox's own setup time per mount)
+#   env WARM_K=3        each warm figure is the best of WARM_K repeats
 #
 # For each driver it prints: time to mount, cold and warm stat walk of the
 # whole tree, cold and warm read of every file (tar to a pipe), peak RSS of
@@ -23,6 +28,12 @@
 # of the image file itself stays cached after it (fincore); then each
 # figure's ratio to the kernel's in the same run.
 # Cold means: page cache dropped and a fresh mount.
+#
+# Why paired ratios: on a shared machine the noise from run to run is
+# 10-50% per figure, far above a 3% cost; two measurements taken back to
+# back share most of it, so their ratio is steadier than a ratio of two
+# medians taken minutes apart. Alternating the order cancels a drift within
+# the pair (for example the page cache still settling).
 #
 # Needs: erofs-utils (mkfs.erofs), squashfs-tools + squashfuse (optional),
 # debootstrap (through shared/bench/make-rootfs.sh), python3.
@@ -84,12 +95,13 @@ now() { date +%s.%N; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
 cached_kib() { awk '/^Cached:/ {print $2}' /proc/meminfo; }
 
+# Word splitting of the flag variables is meant.
+# shellcheck disable=SC2086
 do_mount() {
     case $1 in
         kernel) mount -t erofs -o ro,loop "$IMG" "$MP" ;;
-        # shellcheck disable=SC2086
-        immount) "$IMMOUNT" mount ${IMMOUNT_FLAGS:-} ${IMMOUNT_OPTS:+-o "$IMMOUNT_OPTS"} "$IMG" "$MP" ;;
-        # shellcheck disable=SC2086
+        immount) "$IMMOUNT" mount ${IMMOUNT_FLAGS:-} ${COMPARE_UNCONFINED:+--sandbox-report} \
+            ${IMMOUNT_OPTS:+-o "$IMMOUNT_OPTS"} "$IMG" "$MP" 2>"$SETUP_LOG" ;;
         immount-nosandbox) "$IMMOUNT" mount --no-sandbox ${IMMOUNT_OPTS:+-o "$IMMOUNT_OPTS"} "$IMG" "$MP" 2>/dev/null ;;
         erofsfuse) "$EROFSFUSE" "$IMG" "$MP" >/dev/null 2>&1 ;;
         squashfuse_ll) squashfuse_ll "$SQ" "$MP" ;;
@@ -110,24 +122,47 @@ stat_walk() { find "$MP" -printf '%s %m\n' >/dev/null; }
 read_all() { tar -C "$MP" -cf - . 2>/dev/null | cat >/dev/null; }
 timed() { local t0 t1; t0=$(now); "$@"; t1=$(now); awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }'; }
 
-# Warm figures are a steady state: the best of three, so that a burst of
-# load from elsewhere on a shared machine does not pass for the driver's.
-best_of_3() {
-    local a b c
-    a=$(timed "$@"); b=$(timed "$@"); c=$(timed "$@")
-    printf '%s\n%s\n%s\n' "$a" "$b" "$c" | sort -n | head -n1
+# Warm figures are a steady state (the server sees no request: the kernel
+# answers from its caches): the best of WARM_K, so that a burst of load from
+# elsewhere on a shared machine does not pass for the driver's.
+WARM_K=${WARM_K:-3}
+best_of_k() {
+    local _
+    for _ in $(seq "$WARM_K"); do timed "$@"; echo; done | sort -n | head -n1
 }
+
+# The drivers of run $1, immount and immount-nosandbox back to back in an
+# order that alternates from run to run.
+drivers_of_run() {
+    local d out=""
+    for d in $DRIVERS; do
+        case $d in
+            immount-nosandbox) ;;
+            immount)
+                if [ -z "${COMPARE_UNCONFINED:-}" ]; then out="$out immount"
+                elif [ $(($1 % 2)) -eq 1 ]; then out="$out immount immount-nosandbox"
+                else out="$out immount-nosandbox immount"; fi ;;
+            *) out="$out $d" ;;
+        esac
+    done
+    echo "$out"
+}
+
+# The sandbox's own setup time (µs) as `--sandbox-report` last said it.
+SETUP_LOG=$WORK/sandbox-report.txt
+setup_us() { { sed -n 's/.*setup time: *\([0-9]*\) µs.*/\1/p' "$SETUP_LOG" 2>/dev/null || true; } | tail -n1; }
 
 trap 'mountpoint -q "$MP" && umount -l "$MP"' EXIT
 
 for run in $(seq "$RUNS"); do
-    for d in $DRIVERS; do
+    for d in $(drivers_of_run "$run"); do
         # Mount and stat walks on a cold cache.
         drop_caches
         t_mount=$(timed do_mount "$d")
         must_be_mounted "$d"
         t_cold_stat=$(timed stat_walk)
-        t_warm_stat=$(best_of_3 stat_walk)
+        t_warm_stat=$(best_of_k stat_walk)
+        setup=0; [ "$d" = immount ] && setup=$(setup_us); setup=${setup:-0}
         do_umount "$d"
         # Reads on a fresh mount and cold cache.
         drop_caches
@@ -138,7 +173,7 @@ for run in $(seq "$RUNS"); do
         after=$(cached_kib)
         src=$IMG; [ "$d" = squashfuse_ll ] && src=$SQ
         img_cached=$(( $(fincore -n -b -o RES "$src" 2>/dev/null || echo 0) / 1048576 ))
-        t_warm_read=$(best_of_3 read_all)
+        t_warm_read=$(best_of_k read_all)
         pid=$(server_pid)
         rss=0
         if [ "$d" != kernel ] && [ -n "$pid" ]; then
@@ -146,18 +181,20 @@ for run in $(seq "$RUNS"); do
         fi
         do_umount "$d"
         growth=$(( (after - before) / 1024 ))
-        echo "$d $t_mount $t_cold_stat $t_warm_stat $t_cold_read $t_warm_read $((rss / 1024)) $growth $img_cached" >> "$RESULTS"
-        echo "run $run $d: mount $t_mount s, stat cold $t_cold_stat warm $t_warm_stat, read cold $t_cold_read warm $t_warm_read, rss ${rss} KiB, cache +${growth} MiB, image cached ${img_cached} MiB" >&2
+        echo "$run $d $t_mount $t_cold_stat $t_warm_stat $t_cold_read $t_warm_read $((rss / 1024)) $growth $img_cached $setup" >> "$RESULTS"
+        echo "run $run $d: mount $t_mount s, stat cold $t_cold_stat warm $t_warm_stat, read cold $t_cold_read warm $t_warm_read, rss ${rss} KiB, cache +${growth} MiB, image cached ${img_cached} MiB, load $(cut -d' ' -f1 /proc/loadavg)" >&2
     done
 done
 
 echo "image: $IMG; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 python3 - "$RESULTS" "$COMP" "$(du -sbL "${ROOTFS:-/nonexistent}/" 2>/dev/null | tail -n1 | cut -f1)" <<'EOF'
 import statistics, sys
-rows = {}
+rows, by_run = {}, {}
 for line in open(sys.argv[1]):
     f = line.split()
-    rows.setdefault(f[0], []).append([float(x) for x in f[1:]])
+    values = [float(x) for x in f[2:]]
+    rows.setdefault(f[1], []).append(values[:8])
+    by_run.setdefault(int(f[0]), {})[f[1]] = values
 names = ["mount s", "stat cold s", "stat warm s", "read cold s", "read warm s", "server RSS MiB", "cache growth MiB", "image cached MiB"]
 med = {d: [statistics.median(c) for c in zip(*v)] for d, v in rows.items()}
 k = med["kernel"]
@@ -171,4 +208,22 @@ for d, m in med.items():
         ratio = "" if d == "kernel" or k[i] == 0 else f" ({v / k[i]:.2f}x)"
         cells.append(f"{v:.3f}{ratio}" if i < 5 else f"{v:.0f}{ratio if i >= 6 else ''}")
     print(f"| {d} | " + " | ".join(cells) + " |")
+
+# The sandbox's cost: per run, the ratio of the two measurements taken back
+# to back; its median over the runs, and the spread (min..max).
+pairs = [r for r in by_run.values() if "immount" in r and "immount-nosandbox" in r]
+if pairs:
+    print()
+    print(f"sandbox cost: median of {len(pairs)} paired ratios sandbox / no-sandbox (measured back to back, order alternating)")
+    print("| figure | median ratio | min..max | cost |")
+    print("|---|---|---|---|")
+    for i, name in enumerate(names[:7]):
+        ratios = [r["immount"][i] / r["immount-nosandbox"][i] for r in pairs if r["immount-nosandbox"][i] > 0]
+        if not ratios:
+            continue
+        m = statistics.median(ratios)
+        print(f"| {name} | {m:.3f} | {min(ratios):.3f}..{max(ratios):.3f} | {100 * (m - 1):+.1f}% |")
+    setups = [r["immount"][8] for r in pairs if r["immount"][8] > 0]
+    if setups:
+        print(f"sandbox::apply setup time per mount: median {statistics.median(setups):.0f} µs ({min(setups):.0f}..{max(setups):.0f})")
 EOF

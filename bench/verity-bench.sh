@@ -2,7 +2,8 @@
 # Cold read of every file through `immount mount`, with and without dm-verity
 # checking every block, in one run (drivers interleaved, median of RUNS).
 # usage: sudo bench/verity-bench.sh [IMAGE]   (root: drop_caches, mounts)
-# env: IMMOUNT (default target/release/immount), RUNS (default 5)
+# env: IMMOUNT (default target/release/immount; target/release/immount-fuse
+#      also works, with veritysetup making the tree), RUNS (default 5)
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 IMMOUNT=${IMMOUNT:-$here/target/release/immount}
@@ -14,7 +15,13 @@ mkdir -p "$mnt"
 cleanup() { umount -l "$mnt" 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 cp "$IMG" "$work/image.erofs"
-root=$("$IMMOUNT" verity format "$work/image.erofs" --hash-file "$work/image.tree" | awk '/Root hash/ {print $3}')
+# The tree: by immount itself, or by veritysetup when IMMOUNT is the FUSE
+# server's own binary (immount-fuse has no `verity format`).
+if "$IMMOUNT" verity --help >/dev/null 2>&1; then
+  root=$("$IMMOUNT" verity format "$work/image.erofs" --hash-file "$work/image.tree" | awk '/Root hash/ {print $3}')
+else
+  root=$(veritysetup format "$work/image.erofs" "$work/image.tree" | awk '/Root hash/ {print $3}')
+fi
 cold_read() { # args: extra mount options
   sync; echo 3 > /proc/sys/vm/drop_caches
   "$IMMOUNT" mount "$@" "$work/image.erofs" "$mnt"

@@ -81,6 +81,16 @@ impl ErofsFs {
             let verified =
                 verity::open_verified(primary, tree, info.geometry.hash_offset(), info.root_hash)
                     .map_err(OpenError::Verity)?;
+            // The tree covers this file only: extra devices would reach the
+            // parser unchecked, so an image that has them is refused.
+            verity::refuse_extra_devices(&verified, path).map_err(OpenError::Verity)?;
+            if !devices.is_empty() {
+                return Err(OpenError::Verity(verity::Error::Unsupported(format!(
+                    "{}: extra devices (--device) are not covered by dm-verity: \
+                     refused while verity is on",
+                    path.display()
+                ))));
+            }
             primary = Arc::new(verified);
         }
         let mut extra: Vec<Arc<dyn ReadAt>> = Vec::new();

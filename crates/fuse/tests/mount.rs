@@ -1112,3 +1112,76 @@ fn verity_through_the_mount() {
     );
     drop(guard);
 }
+
+/// Root of `unshare -Urm` (a user namespace that maps only uid 0) has no
+/// uid 65534 to switch to; the server must still be confined in every other
+/// way — seccomp, no_new_privs, no capability, its own network namespace —
+/// not served unconfined.
+#[test]
+fn the_server_inside_a_root_only_user_namespace_is_still_confined() {
+    require_root!();
+    let corpus = corpus_dir();
+    let (file, sum) = sample_file(&corpus);
+    let dir = TempDir::new("userns-confined");
+    let mp = dir.0.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    // The mount lives in the namespace's own mount table: the script
+    // mounts, waits for the test to look at the server from outside, reads
+    // a file and unmounts, also when stdin closes early (a failed test).
+    let script = format!(
+        "{exe} mount {image} {mp} || exit 1; echo mounted; read -r _; sha256sum '{mp}{file}'; {exe} umount {mp}",
+        exe = bin().display(),
+        image = corpus.join("images/plain.erofs").display(),
+        mp = mp.display()
+    );
+    let mut child = ChildGuard(
+        Command::new("unshare")
+            .args(["-Urm", "sh", "-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    if line.trim() != "mounted" {
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
+        panic!("mount inside unshare -Urm failed: {err}");
+    }
+    let procs = processes_naming(mp.to_str().unwrap());
+    let (server, _) = procs
+        .iter()
+        .copied()
+        .find(|(_, ppid)| procs.iter().any(|(p, _)| p == ppid))
+        .expect("a supervisor and its server");
+    let checks = [
+        ("Seccomp:", status_field(server, "Seccomp:"), "2"),
+        ("NoNewPrivs:", status_field(server, "NoNewPrivs:"), "1"),
+        (
+            "CapEff:",
+            status_field(server, "CapEff:"),
+            "0000000000000000",
+        ),
+        (
+            "CapPrm:",
+            status_field(server, "CapPrm:"),
+            "0000000000000000",
+        ),
+    ];
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let own_netns = ns(&server.to_string()) != ns("self");
+    // Let the script read and unmount, then judge.
+    drop(child.0.stdin.take());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = child.0.wait().unwrap();
+    for (name, got, want) in checks {
+        assert_eq!(got, want, "server {name} inside unshare -Urm");
+    }
+    assert!(own_netns, "the server shares the host's network namespace");
+    assert!(status.success(), "the script failed: {status}");
+    assert_eq!(sha256_of(rest.as_bytes()), sum);
+}

@@ -24,7 +24,8 @@
 //! need a lone thread. Worker threads are started *after* `apply` returns;
 //! they inherit everything. The seccomp filter lets `clone` make threads
 //! (never processes) when [`SandboxConfig::allow_threads`] is set, and is
-//! installed with `SECCOMP_FILTER_FLAG_TSYNC` all the same.
+//! installed with `SECCOMP_FILTER_FLAG_TSYNC` all the same (and
+//! `SECCOMP_FILTER_FLAG_SPEC_ALLOW`: see `seccomp.rs`).
 //!
 //! # Order
 //!
@@ -37,7 +38,8 @@
 //! 4. capability bounding and ambient sets emptied (needs `CAP_SETPCAP`,
 //!    so before the identity change);
 //! 5. identity, as root: `setgroups([])`, `setresgid`, `setresuid`,
-//!    process-wide;
+//!    process-wide; skipped, with one log line, when a user namespace maps
+//!    no such uid or gid (`unshare -Ur`), and every other step still runs;
 //! 6. `RLIMIT_NPROC` = 0 when no threads are wanted (after the uid change:
 //!    the limit counts the tasks of the real uid);
 //! 7. the remaining capability sets emptied;
@@ -64,6 +66,7 @@ mod supervise;
 use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 use landlock::{
     Access, AccessFs, AccessNet, LandlockStatus, Ruleset, RulesetAttr, RulesetStatus, Scope, ABI,
@@ -252,8 +255,12 @@ pub struct SeccompReport {
     pub syscalls: usize,
     /// Of those, allowed only with given arguments.
     pub conditional: usize,
-    /// Instructions of the BPF allowlist.
+    /// Instructions of the BPF program (a binary search on the syscall
+    /// number).
     pub instructions: usize,
+    /// Installed with `SECCOMP_FILTER_FLAG_SPEC_ALLOW` (seccomp does not
+    /// force the Speculative Store Bypass mitigation on the server).
+    pub spec_allow: bool,
 }
 
 /// What [`apply`] did; `Display` prints it for a human.
@@ -280,6 +287,9 @@ pub struct SandboxReport {
     pub gid: u32,
     /// Whether `apply` changed the identity (started as root).
     pub identity_changed: bool,
+    /// The identity step: done, not needed (not root), or skipped because
+    /// the user namespace maps no uid/gid to switch to (`unshare -Ur`).
+    pub identity: Step,
     /// Whether the bounding and ambient sets were emptied.
     pub bounding_set: Step,
     /// The effective, permitted and inheritable sets are empty.
@@ -292,6 +302,9 @@ pub struct SandboxReport {
     pub landlock: LandlockReport,
     /// The seccomp step.
     pub seccomp: Option<SeccompReport>,
+    /// How long each step of [`apply`] took, in order (the sandbox's share
+    /// of the mount time).
+    pub timings: Vec<(&'static str, Duration)>,
 }
 
 impl SandboxReport {
@@ -308,6 +321,7 @@ impl SandboxReport {
             uid: rustix::process::getuid().as_raw(),
             gid: rustix::process::getgid().as_raw(),
             identity_changed: false,
+            identity: off(),
             bounding_set: off(),
             capabilities_dropped: false,
             not_dumpable: false,
@@ -318,6 +332,7 @@ impl SandboxReport {
                 status: "not applied".into(),
             },
             seccomp: None,
+            timings: Vec::new(),
         }
     }
 }
@@ -369,10 +384,11 @@ impl fmt::Display for SandboxReport {
             "  identity:          uid {} gid {}{}",
             self.uid,
             self.gid,
-            if self.identity_changed {
-                " (switched from root, no supplementary groups)"
-            } else {
-                " (unchanged)"
+            match (&self.identity, self.identity_changed) {
+                (Step::Done, true) => " (switched from root, no supplementary groups)".to_owned(),
+                (Step::Skipped(why), _) if why.starts_with(IDENTITY_IMPOSSIBLE) =>
+                    format!(" (unchanged: {why})"),
+                _ => " (unchanged)".to_owned(),
             }
         )?;
         writeln!(f, "  bounding/ambient:  {}", self.bounding_set)?;
@@ -407,11 +423,57 @@ impl fmt::Display for SandboxReport {
         match &self.seccomp {
             Some(s) => writeln!(
                 f,
-                "  seccomp:           {} syscalls allowed on {} ({} with restricted arguments, {} BPF instructions), anything else kills",
-                s.syscalls, s.arch, s.conditional, s.instructions
-            ),
-            None => writeln!(f, "  seccomp:           none"),
+                "  seccomp:           {} syscalls allowed on {} ({} with restricted arguments, {} BPF instructions), anything else kills{}",
+                s.syscalls,
+                s.arch,
+                s.conditional,
+                s.instructions,
+                if s.spec_allow { "; SPEC_ALLOW" } else { "" }
+            )?,
+            None => writeln!(f, "  seccomp:           none")?,
         }
+        if !self.timings.is_empty() {
+            let total: Duration = self.timings.iter().map(|(_, d)| *d).sum();
+            let steps: Vec<String> = self
+                .timings
+                .iter()
+                .map(|(name, d)| format!("{name} {}", micros(*d)))
+                .collect();
+            writeln!(
+                f,
+                "  setup time:        {} ({})",
+                micros(total),
+                steps.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A duration in microseconds, for the report.
+fn micros(d: Duration) -> String {
+    format!("{} µs", d.as_micros())
+}
+
+/// Records how long each step takes.
+struct Laps {
+    last: Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl Laps {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    /// Ends the step called `name`.
+    fn lap(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.laps.push((name, now.duration_since(self.last)));
+        self.last = now;
     }
 }
 
@@ -486,6 +548,76 @@ fn landlock_step() -> Result<LandlockReport, SandboxError> {
     })
 }
 
+/// Start of the reason recorded when the identity switch cannot happen.
+const IDENTITY_IMPOSSIBLE: &str = "no uid/gid to switch to";
+
+/// What the identity step can do, decided while `/proc` is still visible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum IdentityPlan {
+    /// Not root: nothing to switch.
+    NotRoot,
+    /// Root with the target ids mapped; `drop_groups` is false when the user
+    /// namespace denies `setgroups` (its groups are then unmapped and grant
+    /// nothing).
+    Switch { drop_groups: bool },
+    /// Root of a user namespace that does not map the target uid or gid.
+    Impossible(String),
+}
+
+/// Whether `id` falls in one of the ranges of a `uid_map`/`gid_map` text
+/// (`inside outside count` per line); `None` when the text is unreadable.
+fn id_mapped(map: &str, id: u32) -> Option<bool> {
+    let mut any_line = false;
+    for line in map.lines() {
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        let [inside, _, count] = fields[..] else {
+            return None;
+        };
+        any_line = true;
+        if inside <= u64::from(id) && u64::from(id) < inside.saturating_add(count) {
+            return Some(true);
+        }
+    }
+    any_line.then_some(false)
+}
+
+fn plan_identity(uid: u32, gid: u32) -> IdentityPlan {
+    let mapped = |file: &str, id: u32| {
+        std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| id_mapped(&text, id))
+    };
+    // Unreadable maps: try the switch and let it report its own error.
+    let uid_ok = mapped("/proc/self/uid_map", uid).unwrap_or(true);
+    let gid_ok = mapped("/proc/self/gid_map", gid).unwrap_or(true);
+    if !uid_ok || !gid_ok {
+        let what = match (uid_ok, gid_ok) {
+            (false, false) => format!("uid {uid} and gid {gid}"),
+            (false, true) => format!("uid {uid}"),
+            _ => format!("gid {gid}"),
+        };
+        return IdentityPlan::Impossible(format!("this user namespace does not map {what}"));
+    }
+    let setgroups_denied = std::fs::read_to_string("/proc/self/setgroups")
+        .map(|s| s.trim() == "deny")
+        .unwrap_or(false);
+    IdentityPlan::Switch {
+        drop_groups: !setgroups_denied,
+    }
+}
+
+/// Writes one line to the log descriptor, if any (best effort: the log is
+/// not worth failing the confinement for).
+fn log_line(log_fd: Option<RawFd>, line: &str) {
+    if let Some(fd) = log_fd {
+        let _ = immount_sys::sandbox::write_line(fd, line);
+    }
+}
+
 /// Confines the calling process; see the crate documentation for the order
 /// of the steps. On error the process is partly confined and should exit.
 pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
@@ -497,6 +629,7 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
             "socket() cannot be allowed: the sandbox denies it in any case".into(),
         ));
     }
+    let mut laps = Laps::new();
     let threads = thread_count().map_err(SandboxError::Threads)?;
     if threads != 1 {
         return Err(SandboxError::Threaded { threads });
@@ -510,10 +643,16 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     }
     // Read before the mount namespace hides /proc.
     let last_cap = last_capability();
+    let identity_plan = if euid == 0 {
+        plan_identity(cfg.uid, cfg.gid)
+    } else {
+        IdentityPlan::NotRoot
+    };
     let own_pid = rustix::process::getpid().as_raw_pid().unsigned_abs();
     // Built before anything is dropped, so a build error leaves the process
     // untouched.
     let filters = seccomp::build(cfg.allow_threads, &cfg.extra_syscalls, own_pid)?;
+    laps.lap("checks and BPF build");
 
     // 1. Descriptors.
     let mut keep = cfg.keep_fds.clone();
@@ -521,6 +660,7 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     keep.sort_unstable();
     keep.dedup();
     immount_sys::sandbox::close_fds_except(&keep).map_err(SandboxError::CloseFds)?;
+    laps.lap("close fds");
 
     // 2. Limits that do not depend on the uid.
     let mut rlimits = Vec::new();
@@ -533,8 +673,10 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     }
     rlimits.push(("RLIMIT_DATA", cfg.memory_limit));
 
+    laps.lap("limits");
+
     // 3. Namespaces and the empty root.
-    let made = namespaces::enter(euid, egid)?;
+    let made = namespaces::enter(euid, egid, &mut laps)?;
 
     // 4. Bounding and ambient sets, while CAP_SETPCAP is still held (as
     //    root, or by anyone in the new user namespace).
@@ -549,17 +691,31 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
         Err(e) => Step::Skipped(format!("no CAP_SETPCAP: {e}")),
     };
 
-    // 5. Identity, process-wide.
-    let identity_changed = made.privileged;
-    if made.privileged {
-        immount_sys::sandbox::set_process_ids(cfg.uid, cfg.gid).map_err(|source| {
-            SandboxError::Identity {
-                uid: cfg.uid,
-                gid: cfg.gid,
-                source,
-            }
-        })?;
-    }
+    // 5. Identity, process-wide. Root of a user namespace that maps only
+    //    itself (`unshare -Ur`) has no other uid to become: that one step
+    //    is skipped, said in one log line, and every other step still runs
+    //    (outside the namespace this "root" is an ordinary user anyway, and
+    //    it keeps no capability).
+    let identity = match (&identity_plan, made.privileged) {
+        (_, false) => Step::Skipped("not started as root".into()),
+        (IdentityPlan::Impossible(why), true) => {
+            let why = format!("{IDENTITY_IMPOSSIBLE}: {why}");
+            log_line(cfg.log_fd, &format!("immount-sandbox: uid/gid switch skipped ({why}); every other confinement step applies"));
+            Step::Skipped(why)
+        }
+        (IdentityPlan::Switch { drop_groups }, true) => {
+            immount_sys::sandbox::set_process_ids(cfg.uid, cfg.gid, *drop_groups).map_err(
+                |source| SandboxError::Identity {
+                    uid: cfg.uid,
+                    gid: cfg.gid,
+                    source,
+                },
+            )?;
+            Step::Done
+        }
+        (IdentityPlan::NotRoot, true) => Step::Skipped("not started as root".into()),
+    };
+    let identity_changed = identity == Step::Done;
 
     // 6. No new processes (threads count as well, hence only without them).
     if cfg.allow_threads {
@@ -588,8 +744,11 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     // 9. no_new_privs (landlock and seccomp need it unprivileged anyway).
     rustix::thread::set_no_new_privs(true).map_err(|e| SandboxError::NoNewPrivs(e.into()))?;
 
+    laps.lap("identity and capabilities");
+
     // 10. Landlock.
     let landlock = landlock_step()?;
+    laps.lap("landlock");
 
     // Read for the report while getuid is still allowed.
     let (uid, gid) = (
@@ -600,7 +759,8 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     // 11. Seccomp, last.
     immount_sys::sandbox::install_sigsys_reporter(cfg.log_fd.unwrap_or(-1), seccomp::DIE_SYSCALL)
         .map_err(SandboxError::SigsysHandler)?;
-    seccomp::install(&filters)?;
+    let spec_allow = seccomp::install(&filters)?;
+    laps.lap("seccomp");
 
     Ok(SandboxReport {
         enabled: true,
@@ -613,6 +773,7 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
         uid,
         gid,
         identity_changed,
+        identity,
         bounding_set,
         capabilities_dropped: true,
         not_dumpable: true,
@@ -622,8 +783,10 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
             arch: seccomp::ARCH,
             syscalls: filters.syscalls,
             conditional: filters.conditional,
-            instructions: filters.allowlist.len(),
+            instructions: filters.program.len(),
+            spec_allow,
         }),
+        timings: laps.laps,
     })
 }
 
@@ -754,6 +917,22 @@ mod tests {
         ] {
             assert!(report.contains(key), "missing {key:?} in\n{report}");
         }
+    }
+
+    #[test]
+    fn id_maps_are_read_range_by_range() {
+        let root_only = "         0          0          1\n";
+        assert_eq!(id_mapped(root_only, 0), Some(true));
+        assert_eq!(id_mapped(root_only, NOBODY), Some(false));
+        let initial = "         0          0 4294967295\n";
+        assert_eq!(id_mapped(initial, NOBODY), Some(true));
+        assert_eq!(id_mapped(initial, u32::MAX - 1), Some(true));
+        let two = "0 1000 1\n1 100000 65536\n";
+        assert_eq!(id_mapped(two, NOBODY), Some(true));
+        assert_eq!(id_mapped(two, 65537), Some(false));
+        assert_eq!(id_mapped("", 0), None);
+        assert_eq!(id_mapped("0 0\n", 0), None);
+        assert_eq!(id_mapped("x y z\n", 0), None);
     }
 
     #[test]

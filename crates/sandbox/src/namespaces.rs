@@ -6,7 +6,7 @@ use std::io;
 use immount_sys::sandbox::{unshare_namespaces, Namespaces};
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 
-use crate::{SandboxError, Step};
+use crate::{Laps, SandboxError, Step};
 
 /// What [`enter`] made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +25,7 @@ pub(crate) struct Made {
 /// Unprivileged failure to make a user namespace is not an error — seccomp
 /// still denies sockets and landlock still denies the filesystem — and is
 /// recorded in the report.
-pub(crate) fn enter(euid: u32, egid: u32) -> Result<Made, SandboxError> {
+pub(crate) fn enter(euid: u32, egid: u32, laps: &mut Laps) -> Result<Made, SandboxError> {
     let others = Namespaces {
         user: false,
         net: true,
@@ -63,11 +63,14 @@ pub(crate) fn enter(euid: u32, egid: u32) -> Result<Made, SandboxError> {
                 made.net = Step::Skipped(why.clone());
                 made.ipc = Step::Skipped(why.clone());
                 made.mount = Step::Skipped(why);
+                laps.lap("unshare (failed)");
                 return Ok(made);
             }
         }
     }
+    laps.lap("unshare");
     empty_root().map_err(SandboxError::MountNamespace)?;
+    laps.lap("empty root");
     Ok(made)
 }
 

@@ -80,17 +80,34 @@ fn close_range(first: u32, last: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Switches the whole process (every thread) to `uid`/`gid` with no
-/// supplementary groups: `setgroups([])`, `setresgid(gid, gid, gid)`,
-/// `setresuid(uid, uid, uid)`, in that order (the group calls need the
-/// privilege the uid change gives up).
+/// Writes `line` and a newline to descriptor `fd` with one `write(2)`,
+/// without taking ownership of `fd` (a log descriptor someone else owns).
+pub fn write_line(fd: RawFd, line: &str) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(line.len() + 1);
+    buf.extend_from_slice(line.as_bytes());
+    buf.push(b'\n');
+    // SAFETY: write(2) reads `buf.len()` bytes from a live buffer and
+    // touches no other memory; a bad descriptor is an error, not UB.
+    let rc = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Switches the whole process (every thread) to `uid`/`gid`: with
+/// `drop_groups`, `setgroups([])` first (no supplementary groups), then
+/// `setresgid(gid, gid, gid)` and `setresuid(uid, uid, uid)`, in that order
+/// (the group calls need the privilege the uid change gives up).
+/// `drop_groups` is false only in a user namespace that denies `setgroups`,
+/// where the inherited groups are unmapped ones.
 ///
 /// The kernel calls are per thread; glibc's wrappers broadcast them to every
 /// thread of the process, which is why this goes through libc and not a raw
 /// syscall.
-pub fn set_process_ids(uid: u32, gid: u32) -> io::Result<()> {
+pub fn set_process_ids(uid: u32, gid: u32, drop_groups: bool) -> io::Result<()> {
     // SAFETY: setgroups with a zero count never reads the (null) list.
-    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+    if drop_groups && unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: plain integer arguments, no memory is touched.
@@ -141,6 +158,64 @@ pub fn unshare_namespaces(ns: Namespaces) -> io::Result<()> {
     // invalidate descriptors other threads hold; only namespace flags are
     // passed here, none of which touch the descriptor table or memory.
     unsafe { rustix::thread::unshare_unsafe(flags) }.map_err(io::Error::from)
+}
+
+/// Installs a classic BPF seccomp filter on every thread of the process
+/// (`SECCOMP_FILTER_FLAG_TSYNC`), returning whether
+/// `SECCOMP_FILTER_FLAG_SPEC_ALLOW` was in force.
+///
+/// With `spec_allow` the filter does not make the kernel force the
+/// Speculative Store Bypass mitigation on the process, which a kernel booted
+/// with `spec_store_bypass_disable=seccomp` would otherwise do at a cost on
+/// every load; a kernel older than 4.17 refuses the flag, and the filter is
+/// then installed without it. `no_new_privs` (or `CAP_SYS_ADMIN`) must be set
+/// first, as for any filter.
+pub fn install_seccomp_filter(filter: &[libc::sock_filter], spec_allow: bool) -> io::Result<bool> {
+    let len = libc::c_ushort::try_from(filter.len())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let prog = libc::sock_fprog {
+        len,
+        // The kernel only reads the program (the field is *mut in C).
+        filter: filter.as_ptr().cast_mut(),
+    };
+    let attempts: &[libc::c_ulong] = if spec_allow {
+        &[
+            libc::SECCOMP_FILTER_FLAG_TSYNC | libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW,
+            libc::SECCOMP_FILTER_FLAG_TSYNC,
+        ]
+    } else {
+        &[libc::SECCOMP_FILTER_FLAG_TSYNC]
+    };
+    let mut last = io::Error::from_raw_os_error(libc::EINVAL);
+    for &flags in attempts {
+        // SAFETY: `prog` points at `len` instructions that outlive the call;
+        // the kernel copies the program and reads no other memory.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                flags,
+                std::ptr::addr_of!(prog),
+            )
+        };
+        match rc {
+            0 => return Ok(flags & libc::SECCOMP_FILTER_FLAG_SPEC_ALLOW != 0),
+            // TSYNC: a thread could not be synchronised; its id is returned.
+            tid if tid > 0 => {
+                return Err(io::Error::other(format!(
+                    "thread {tid} could not take the seccomp filter"
+                )))
+            }
+            _ => {
+                last = io::Error::last_os_error();
+                // Only an unknown flag is worth a retry without it.
+                if last.raw_os_error() != Some(libc::EINVAL) {
+                    return Err(last);
+                }
+            }
+        }
+    }
+    Err(last)
 }
 
 /// Where the `SIGSYS` handler writes its report (-1: nowhere).

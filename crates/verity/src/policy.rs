@@ -231,6 +231,7 @@ pub fn open_image(image: &Path, opts: &VerityOptions) -> Result<OpenedImage> {
             },
         };
     let reader = open_verified(data, tree, offset, root_hash).map_err(|e| prefix(e, &tree_path))?;
+    refuse_extra_devices(&reader, image)?;
     let geometry = reader.geometry().clone();
     Ok(OpenedImage {
         reader: Arc::new(reader),
@@ -282,6 +283,24 @@ pub fn open_verified(
         )));
     }
     VerifiedReader::new(data, tree, geometry, root)
+}
+
+/// Refuse an EROFS image whose device table lists extra devices (blobs,
+/// `--device` files): the tree covers the primary image only, so their
+/// bytes would reach the parser unchecked. `verified` must be the verified
+/// reader, so the device table read here is itself checked. An image whose
+/// superblock does not parse passes: the parser reports it, through the
+/// same verified reads.
+pub fn refuse_extra_devices(verified: &dyn ReadAt, image: &Path) -> Result<()> {
+    match erofs::Superblock::read(verified) {
+        Ok(sb) if !sb.devices.is_empty() => Err(Error::Unsupported(format!(
+            "{} has {} extra device(s) (blobs), which dm-verity does not cover: \
+             refused while verity is on",
+            image.display(),
+            sb.devices.len()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn prefix(e: Error, path: &Path) -> Error {

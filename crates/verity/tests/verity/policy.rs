@@ -227,3 +227,34 @@ fn tree_appended_to_the_image_is_used_with_its_offset() {
     };
     assert!(matches!(open_image(&img, &opts), Err(Error::Untrusted(_))));
 }
+
+/// An image whose device table lists extra devices (a blob) is refused
+/// under verity, since the tree does not cover them; the same image opens
+/// without verity, and an image without devices opens with it.
+#[test]
+fn extra_devices_are_refused_under_verity() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, refused) in [("blobdev.erofs", true), ("plain.erofs", false)] {
+        let img = copy_image(name, dir.path());
+        let tree = dir.path().join(format!("{name}.tree"));
+        let report = format_image(&img, Some(&tree), None, &FormatOptions::default()).unwrap();
+        let opts = VerityOptions {
+            root_hash: Some(report.root_hash),
+            verity_data: Some(tree),
+            no_sidecars: true,
+            ..VerityOptions::default()
+        };
+        match open_image(&img, &opts) {
+            Err(Error::Unsupported(m)) if refused => {
+                assert!(m.contains("1 extra device"), "{m}")
+            }
+            Ok(opened) if !refused => assert!(opened.verity.is_some()),
+            other => panic!("{name}: {other:?}"),
+        }
+        let plain = VerityOptions {
+            no_sidecars: true,
+            ..VerityOptions::default()
+        };
+        assert!(open_image(&img, &plain).unwrap().verity.is_none());
+    }
+}

@@ -19,7 +19,13 @@ struct Fixture {
     hash: Vec<u8>,
     root: RootHash,
     geometry: Geometry,
+    /// Memory budget of the readers made: the default loads these small
+    /// trees whole at open, zero takes the lazy, cached path.
+    budget: usize,
 }
+
+/// Both ways of holding the tree: loaded at open, and cached on demand.
+const BUDGETS: [usize; 2] = [verity::reader::DEFAULT_CACHE_BYTES, 0];
 
 fn fixture(name: &str, dbs: u32, hbs: u32) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
@@ -38,12 +44,21 @@ fn fixture(name: &str, dbs: u32, hbs: u32) -> Fixture {
         hash,
         root: report.root_hash,
         geometry,
+        budget: BUDGETS[0],
     }
 }
 
 impl Fixture {
     fn reader(&self, data: Vec<u8>, hash: Vec<u8>) -> verity::Result<VerifiedReader<Vec<u8>>> {
-        VerifiedReader::new(data, hash, self.geometry.clone(), self.root)
+        let r = VerifiedReader::with_cache_bytes(
+            data,
+            hash,
+            self.geometry.clone(),
+            self.root,
+            self.budget,
+        )?;
+        assert_eq!(r.tree_loaded(), self.budget > 0, "budget {}", self.budget);
+        Ok(r)
     }
 
     fn dbs(&self) -> u64 {
@@ -92,7 +107,16 @@ fn assert_corrupt(err: &io::Error, what: &str) {
 
 #[test]
 fn changed_data_byte_fails_only_its_block() {
-    let f = fixture("plain.erofs", 4096, 4096);
+    for budget in BUDGETS {
+        changed_data_byte_fails_only_its_block_with(budget);
+    }
+}
+
+fn changed_data_byte_fails_only_its_block_with(budget: usize) {
+    let f = Fixture {
+        budget,
+        ..fixture("plain.erofs", 4096, 4096)
+    };
     let last = f.blocks() - 1;
     for block in [0, 1, 700, last] {
         let mut data = f.data.clone();
@@ -125,8 +149,16 @@ fn changed_data_byte_fails_only_its_block() {
 #[test]
 fn changed_byte_in_each_tree_level_fails_only_what_it_covers() {
     // 512-byte blocks: 16 digests per hash block and a four-level tree.
-    for (name, dbs, hbs) in [("plain.erofs", 4096, 4096), ("bs512.erofs", 512, 512)] {
-        let f = fixture(name, dbs, hbs);
+    for (name, dbs, hbs, budget) in [
+        ("plain.erofs", 4096, 4096, BUDGETS[0]),
+        ("plain.erofs", 4096, 4096, BUDGETS[1]),
+        ("bs512.erofs", 512, 512, BUDGETS[0]),
+        ("bs512.erofs", 512, 512, BUDGETS[1]),
+    ] {
+        let f = Fixture {
+            budget,
+            ..fixture(name, dbs, hbs)
+        };
         let levels = f.geometry.levels().to_vec();
         assert!(levels.len() >= 2);
         let top = levels.len() - 1;
@@ -214,9 +246,18 @@ fn wrong_root_hash_is_refused_at_open() {
     let f = fixture("plain.erofs", 4096, 4096);
     let mut root = f.root;
     root.0[31] ^= 1;
-    let err =
-        VerifiedReader::new(f.data.clone(), f.hash.clone(), f.geometry.clone(), root).unwrap_err();
-    assert!(err.is_mismatch(), "{err}");
+    for budget in BUDGETS {
+        let err = VerifiedReader::with_cache_bytes(
+            f.data.clone(),
+            f.hash.clone(),
+            f.geometry.clone(),
+            root,
+            budget,
+        )
+        .unwrap_err();
+        assert!(err.is_mismatch(), "{err}");
+        assert!(err.to_string().contains("root hash mismatch"), "{err}");
+    }
     let err = verify_image(&f.data, &f.hash, &f.geometry, &root).unwrap_err();
     assert!(err.to_string().contains("root hash mismatch"), "{err}");
 }
