@@ -85,7 +85,12 @@ impl ImageFile {
     /// Open `path` read-only. With `low_memory`, nothing is fetched beyond
     /// what is read: least memory, slowest cold reads.
     pub fn open(path: &Path, low_memory: bool) -> io::Result<ImageFile> {
-        let file = File::open(path)?;
+        ImageFile::from_file(File::open(path)?, low_memory)
+    }
+
+    /// Like [`ImageFile::open`] for a file opened elsewhere (a descriptor
+    /// passed by a client of the delegation daemon).
+    pub fn from_file(file: File, low_memory: bool) -> io::Result<ImageFile> {
         let size = ReadAt::size(&file)?;
         // Advice only: a failure changes nothing but memory use.
         let _ = sys::fadvise_random(file.as_fd());

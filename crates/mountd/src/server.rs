@@ -26,6 +26,7 @@ use std::time::Duration;
 use erofs::{Image, ReadAt};
 use fuse::abi::Attr;
 use fuse::filesystem::{DirItem, Statfs};
+use fuse::image_file::ImageFile;
 use fuse::{ErofsFs, Filesystem, FsError, Session, SessionConfig};
 use serde::{Deserialize, Serialize};
 
@@ -102,9 +103,22 @@ impl Started {
     /// Wait up to `timeout` for the server's report: `Ok` once it serves,
     /// else its status code and message.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), (u8, String)> {
-        let _ = self.status.set_read_timeout(Some(timeout));
+        let deadline = std::time::Instant::now() + timeout;
         let mut first = [0u8; 1];
-        match self.status.read(&mut first) {
+        let read = loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break Err(std::io::Error::from(std::io::ErrorKind::TimedOut));
+            }
+            let _ = self.status.set_read_timeout(Some(left));
+            match self.status.read(&mut first) {
+                // A read with a timeout is never restarted after a signal
+                // (SIGCHLD of another mount's server, say): read again.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r,
+            }
+        };
+        match read {
             Ok(1) if first[0] == 0 => Ok(()),
             Ok(1) => {
                 let mut rest = String::new();
@@ -183,11 +197,20 @@ fn open_reader(
     verity: Option<File>,
 ) -> Result<Arc<dyn ReadAt>, Failure> {
     let verity_err = |e: verity::Error| (CODE_VERITY, e.to_string());
+    let io_err = |what: &str, e: std::io::Error| (CODE_OTHER, format!("{what}: {e}"));
+    // The same page-cache handling as `immount mount`: the image's pages
+    // are fetched ahead and dropped once decoded.
+    let image = ImageFile::from_file(image, false).map_err(|e| io_err("the image", e))?;
     let Some(root) = &config.root_hash else {
         return Ok(Arc::new(image));
     };
     let root: verity::RootHash = root.parse().map_err(verity_err)?;
-    let tree = verity.map(|v| Arc::new(v) as Arc<dyn ReadAt>);
+    let tree = match verity {
+        Some(v) => Some(Arc::new(
+            ImageFile::from_file(v, false).map_err(|e| io_err("the hash tree", e))?,
+        ) as Arc<dyn ReadAt>),
+        None => None,
+    };
     let reader = verity::policy::open_verified(Arc::new(image), tree, config.hash_offset, root)
         .map_err(verity_err)?;
     Ok(Arc::new(reader))
@@ -225,9 +248,6 @@ fn setup(status: &OwnedFd, conn: &mut Connection<&OwnedFd>) -> Result<Session, F
     // server does, and which exist depends on its version.
     #[allow(clippy::needless_update)]
     let session_config = SessionConfig {
-        // One thread: more would clone /dev/fuse by opening it, which the
-        // sandbox forbids once applied.
-        threads: 1,
         // With mapped ids, ACL entries would name the image's owners.
         posix_acl: config.map_ids_to.is_none(),
         ..SessionConfig::default()
@@ -243,6 +263,12 @@ fn setup(status: &OwnedFd, conn: &mut Connection<&OwnedFd>) -> Result<Session, F
     session
         .init()
         .map_err(|e| other(format!("FUSE handshake failed: {e}")))?;
+    // The worker threads' /dev/fuse clones are opened now: the sandbox
+    // forbids opening files once applied.
+    session
+        .prepare_workers()
+        .map_err(|e| other(format!("cloning /dev/fuse: {e}")))?;
+    keep.extend(session.fds());
     let sandbox = sandbox::SandboxConfig {
         memory_limit: Some(config.memory_limit),
         keep_fds: keep,

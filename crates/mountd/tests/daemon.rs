@@ -343,6 +343,18 @@ fn unsigned_image_into_an_owned_directory_and_refused_elsewhere() {
     let line = d.mount_options(&own);
     assert!(line.contains(" ro,nosuid,nodev"), "{line}");
     assert!(line.contains("fuse.immount"), "{line}");
+    // Served as `immount mount` serves: several worker threads (their
+    // /dev/fuse clones opened before the sandbox closed the door) and
+    // readahead raised to the 1 MiB a READ may carry.
+    let servers = d.servers();
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    let threads = fs::read_dir(format!("/proc/{}/task", servers[0]))
+        .unwrap()
+        .count();
+    assert!(threads >= 2, "one server thread only");
+    let dev = line.split(' ').nth(2).unwrap();
+    let ra = fs::read_to_string(format!("/sys/class/bdi/{dev}/read_ahead_kb")).unwrap();
+    assert_eq!(ra.trim(), "1024");
     // Only the caller may use it: root (not allow_other) is refused.
     assert!(fs::read(&hello).is_err());
 
@@ -591,8 +603,12 @@ fn fifty_concurrent_clients_leave_nothing_behind() {
             .map(|i| {
                 let dir = d.dir_owned(&format!("{tag}{i}"), true);
                 let client = d.client(&[], &image, &dir).join(" ");
+                // The unmount is retried: on a loaded machine the kernel
+                // may still hold the file just read for a moment (EBUSY).
                 let script = format!(
-                    "{client} >/dev/null && cat {m}/hello.txt && fusermount3 -u {m}",
+                    "{client} >/dev/null && cat {m}/hello.txt && \
+                     for i in 1 2 3 4 5 6 7 8 9; do fusermount3 -u {m} 2>/dev/null && exit 0; sleep 0.2; done; \
+                     fusermount3 -u {m}",
                     m = dir.display()
                 );
                 std::thread::spawn(move || as_user(&["sh", "-c", &script]))
@@ -608,20 +624,24 @@ fn fifty_concurrent_clients_leave_nothing_behind() {
     };
     let fds_before = d.settled_fd_count();
     let started = Instant::now();
-    round("a");
-    let rss_after_one = d.rss_kib();
-    round("b");
-    round("c");
-    let rss_after_three = d.rss_kib();
+    let mut rss = Vec::new();
+    for tag in ["a", "b", "c", "d", "e"] {
+        round(tag);
+        rss.push(d.rss_kib());
+    }
     d.wait_fd_count(fds_before);
-    // Flat: two more rounds of 50 add less than 2 MiB.
+    // Flat once warm (malloc arenas and cached thread stacks of fifty
+    // concurrent connections settle over the first rounds): the last
+    // hundred mounts add less than 2 MiB.
     assert!(
-        rss_after_three < rss_after_one + 2048,
-        "daemon memory grew from {rss_after_one} to {rss_after_three} KiB"
+        rss[4] < rss[2] + 2048,
+        "daemon memory grew from {} to {} KiB over the last two rounds: {rss:?}",
+        rss[2],
+        rss[4]
     );
     assert!(started.elapsed() < Duration::from_secs(240));
     let ok = d.log_text().matches("result=ok").count();
-    assert_eq!(ok, 150, "{}", d.log_text());
+    assert_eq!(ok, 250, "{}", d.log_text());
 }
 
 /// Send raw bytes (and fds) and return what came back: `None` when the

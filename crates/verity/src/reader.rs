@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -270,23 +271,59 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
     }
 
     /// The verified data block `index`, from the data cache or read, checked
-    /// and kept.
-    fn verified_data_block(&self, index: u64) -> io::Result<Arc<[u8]>> {
+    /// and kept. `want` is the part of it the caller asked for (see
+    /// [`VerifiedReader::read_around`]).
+    fn verified_data_block(&self, index: u64, want: Range<u64>) -> io::Result<Arc<[u8]>> {
         if let Some(bytes) = self.data_cache.get((0, index)) {
             return Ok(bytes);
         }
         let dbs = self.geometry.params().data_block_size;
         let mut block = vec![0u8; dbs as usize];
-        self.read_verified(&mut block, index * u64::from(dbs))?;
+        self.read_around(&mut block, index * u64::from(dbs), want)?;
+        self.check_blocks(&block, index * u64::from(dbs))?;
         let block: Arc<[u8]> = block.into();
         self.data_cache.insert((0, index), Arc::clone(&block));
         Ok(block)
+    }
+
+    /// Fill `buf` (whole blocks from `start`) with the bytes the caller
+    /// asked for, `want`, read as asked, and the rest of the blocks read
+    /// apart, before and after it.
+    ///
+    /// Why not one read of the whole blocks: the image file beneath decides
+    /// from each read's size and alignment whether it is file data (read
+    /// once, then dropped from the page cache) or metadata (kept cached). A
+    /// 60-byte inode read widened to its whole block would look like data,
+    /// and the metadata around it would be dropped from the page cache and
+    /// read from disk again on the next lookup. Read as asked, every piece
+    /// is classified as it would be without verity.
+    fn read_around(&self, buf: &mut [u8], start: u64, want: Range<u64>) -> io::Result<()> {
+        // start <= want.start <= want.end <= start + buf.len(), all within
+        // the data area (checked by read_checked), so these fit in usize.
+        let head = (want.start - start) as usize;
+        let tail = (want.end - start) as usize;
+        let (before, rest) = buf.split_at_mut(head);
+        let (middle, after) = rest.split_at_mut(tail - head);
+        self.data.read_exact_at(middle, want.start)?;
+        if !before.is_empty() {
+            self.data.read_exact_at(before, start)?;
+        }
+        if !after.is_empty() {
+            self.data.read_exact_at(after, want.end)?;
+        }
+        Ok(())
     }
 
     /// Fill `buf`, whose length is a multiple of the data block size, from
     /// the block-aligned `offset`, and check every block.
     fn read_verified(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.data.read_exact_at(buf, offset)?;
+        self.check_blocks(buf, offset)
+    }
+
+    /// Check the whole data blocks in `buf`, read from the block-aligned
+    /// `offset`, against the tree.
+    fn check_blocks(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let params = self.geometry.params();
         let dbs = params.data_block_size as usize;
         let first = offset / dbs as u64;
@@ -427,7 +464,7 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
         }
         if stop - start == dbs {
             // Part of one block: serve it from a kept verified copy.
-            let block = self.verified_data_block(start / dbs)?;
+            let block = self.verified_data_block(start / dbs, offset..end)?;
             let skip = (offset - start) as usize;
             buf.copy_from_slice(&block[skip..skip + buf.len()]);
             return Ok(());
@@ -435,7 +472,8 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
         // Unaligned: read whole blocks aside, copy out only if all verify.
         let len = usize::try_from(stop - start).map_err(io::Error::other)?;
         let mut scratch = vec![0u8; len];
-        self.read_verified(&mut scratch, start)?;
+        self.read_around(&mut scratch, start, offset..end)?;
+        self.check_blocks(&scratch, start)?;
         let skip = (offset - start) as usize;
         buf.copy_from_slice(&scratch[skip..skip + buf.len()]);
         Ok(())

@@ -357,3 +357,54 @@ fn change_after_open_is_caught() {
     assert_corrupt(&err, "data block 2 ");
     reader.read_exact_at(&mut buf, 4096).unwrap();
 }
+
+/// Records every read passed to the image beneath.
+struct Recording {
+    bytes: Vec<u8>,
+    reads: std::sync::Mutex<Vec<(u64, usize)>>,
+}
+
+impl ReadAt for Recording {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.reads.lock().unwrap().push((offset, buf.len()));
+        self.bytes.read_exact_at(buf, offset)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.bytes.len() as u64)
+    }
+}
+
+/// A read smaller than a block reaches the image beneath as itself (the
+/// image file tells metadata from data by each read's size and alignment),
+/// with the rest of its blocks read apart; the bytes are the true ones, and
+/// a second read of the same block comes from the verified copy.
+#[test]
+fn partial_reads_reach_the_image_as_asked() {
+    let f = fixture("plain.erofs", 4096, 4096);
+    for budget in BUDGETS {
+        let data = Recording {
+            bytes: f.data.clone(),
+            reads: Default::default(),
+        };
+        let reader =
+            VerifiedReader::with_cache_bytes(&data, &f.hash, f.geometry.clone(), f.root, budget)
+                .unwrap();
+        for (offset, len) in [(8192 + 100, 60), (4096 * 5, 904), (4096 * 7 - 10, 30)] {
+            data.reads.lock().unwrap().clear();
+            let mut buf = vec![0u8; len];
+            reader.read_exact_at(&mut buf, offset).unwrap();
+            assert_eq!(buf[..], f.data[offset as usize..offset as usize + len]);
+            let reads = data.reads.lock().unwrap().clone();
+            assert!(reads.contains(&(offset, len)), "{reads:?}");
+            // The rest of the blocks, and nothing else.
+            let total: usize = reads.iter().map(|r| r.1).sum();
+            let blocks = (offset + len as u64).div_ceil(4096) - offset / 4096;
+            assert_eq!(total as u64, blocks * 4096, "{reads:?}");
+        }
+        data.reads.lock().unwrap().clear();
+        let mut buf = [0u8; 10];
+        reader.read_exact_at(&mut buf, 8192 + 200).unwrap();
+        assert!(data.reads.lock().unwrap().is_empty());
+    }
+}
