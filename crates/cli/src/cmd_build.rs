@@ -34,9 +34,13 @@ pub struct BuildArgs {
     #[arg(short = 'C', value_name = "BYTES")]
     pub pcluster_size: Option<u32>,
     /// Extended options, comma separated: ztailpacking, fragments, dedupe,
-    /// noinline_data.
+    /// noinline_data, xattr-name-filter.
     #[arg(short = 'E', value_name = "OPTS")]
     pub extended: Vec<String>,
+    /// Store xattr names that start with PREFIX (which starts with user.,
+    /// trusted. or security.) through a long prefix, kept once; repeatable.
+    #[arg(long, value_name = "PREFIX")]
+    pub xattr_prefix: Vec<String>,
     /// Block size in bytes.
     #[arg(short = 'b', value_name = "BYTES", default_value_t = 4096)]
     pub block_size: u32,
@@ -61,7 +65,7 @@ pub struct BuildArgs {
     /// Add N to every gid.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub gid_offset: u32,
-    /// Append a dm-verity hash tree and print its root hash.
+    /// Append a dm-verity hash tree and print its root hash and offset.
     #[arg(long)]
     pub verity: bool,
     /// No progress bar and no summary.
@@ -142,6 +146,11 @@ fn build(args: BuildArgs) -> anyhow::Result<()> {
         chunk_size: args.chunk_size,
         fixed_time: args.timestamp,
         progress: !args.quiet && std::io::stderr().is_terminal(),
+        xattr_prefixes: args
+            .xattr_prefix
+            .iter()
+            .map(|p| p.as_bytes().to_vec())
+            .collect(),
         ..Default::default()
     };
     if args.timestamp.is_none() {
@@ -167,6 +176,7 @@ fn build(args: BuildArgs) -> anyhow::Result<()> {
     for e in args.extended.iter().flat_map(|s| s.split(',')) {
         match e {
             "noinline_data" => opts.inline_data = false,
+            "xattr-name-filter" => opts.xattr_name_filter = true,
             "ztailpacking" | "fragments" | "dedupe" => {
                 let Some(c) = opts.compress.as_mut() else {
                     bail!("-E {e} needs -z");
@@ -231,7 +241,10 @@ fn append_verity(image: &Path, report: &mkfs::BuildReport, bs: u32) -> anyhow::R
     };
     let r = verity::format_image(image, None, None, &opts)
         .with_context(|| format!("appending a verity tree to {}", image.display()))?;
-    println!("{}", r.root_hash);
-    eprintln!("verity hash offset: {}", r.hash_offset);
+    // The same lines as `immount verity format`. The offset is where the
+    // tree starts (the image's blocks rounded up to 4 KiB), for tools such
+    // as veritysetup; immount's own commands find it by themselves.
+    println!("Root hash:       {}", r.root_hash);
+    println!("Hash offset:     {}", r.hash_offset);
     Ok(())
 }

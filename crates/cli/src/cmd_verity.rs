@@ -80,7 +80,8 @@ pub struct VerifyArgs {
     /// The image to check.
     pub image: PathBuf,
     /// The tree's file (default: the image itself when --hash-offset is
-    /// given, else IMAGE.verity).
+    /// given, else IMAGE.verity, else a tree appended to an EROFS image
+    /// right after its blocks).
     #[arg(long, value_name = "FILE")]
     pub hash_file: Option<PathBuf>,
     /// Where the tree starts in the hash file or image.
@@ -127,7 +128,8 @@ pub struct VerityArgs {
     #[arg(long, value_name = "FILE")]
     pub root_hash_sig: Option<PathBuf>,
     /// The hash tree (default: the IMAGE.verity sidecar, else the image at
-    /// --hash-offset).
+    /// --hash-offset, else a tree appended to an EROFS image right after
+    /// its blocks).
     #[arg(long, value_name = "FILE")]
     pub verity_data: Option<PathBuf>,
     /// Offset of the hash tree in --verity-data or in the image.
@@ -260,21 +262,27 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<i32> {
     let open =
         |p: &Path| std::fs::File::open(p).with_context(|| format!("opening {}", p.display()));
     let data = open(&args.image)?;
-    let hash_path = match (&args.hash_file, args.hash_offset) {
-        (Some(path), _) => path.clone(),
-        (None, Some(_)) => args.image.clone(),
+    let (hash_path, offset) = match (&args.hash_file, args.hash_offset) {
+        (Some(path), off) => (path.clone(), off.unwrap_or(0)),
+        (None, Some(off)) => (args.image.clone(), off),
         (None, None) => {
             let sidecar = sidecar_path(&args.image, ".verity");
-            if !sidecar.is_file() {
-                bail!(
-                    "no hash tree: give --hash-file or --hash-offset, or put {} next to the image",
+            // A sidecar wins, as for the image commands; else a tree that
+            // `build --verity` or `verity format` appended to an EROFS image.
+            let appended = (!sidecar.is_file() && !args.shape.no_superblock)
+                .then(|| verity::policy::appended_tree_offset(&data))
+                .flatten();
+            match appended {
+                Some(off) => (args.image.clone(), off),
+                None if sidecar.is_file() => (sidecar, 0),
+                None => bail!(
+                    "no hash tree: give --hash-file or --hash-offset, put {} next to the image, \
+                     or append the tree to an EROFS image",
                     sidecar.display()
-                );
+                ),
             }
-            sidecar
         }
     };
-    let offset = args.hash_offset.unwrap_or(0);
     let hash = open(&hash_path)?;
     let shape = &args.shape;
     let geometry = if shape.no_superblock {

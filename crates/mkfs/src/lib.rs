@@ -13,6 +13,7 @@ pub mod scan;
 pub mod tar;
 pub mod tree;
 pub mod write;
+pub mod xattr;
 
 pub use compress::{Algorithm, CompressOptions};
 pub use error::{Error, Result};

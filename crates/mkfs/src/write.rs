@@ -15,7 +15,7 @@
 //! Everything is sorted and no host state (time, random numbers) is used,
 //! so the same input gives the same bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -28,6 +28,7 @@ use crate::compress::{self, CompressOptions};
 use crate::error::{Error, Result};
 use crate::format::{self, InodeFields};
 use crate::tree::{Data, Kind, NodeId, Tree};
+use crate::xattr::XattrLayout;
 
 /// How to build an image.
 #[derive(Debug, Clone)]
@@ -58,6 +59,11 @@ pub struct Options {
     pub compress: Option<CompressOptions>,
     /// Show a progress bar on a terminal.
     pub progress: bool,
+    /// Long xattr name prefixes (`--xattr-prefix`), each starting with
+    /// `user.`, `trusted.` or `security.`.
+    pub xattr_prefixes: Vec<Vec<u8>>,
+    /// Fill each inode's xattr name filter (`-E xattr-name-filter`).
+    pub xattr_name_filter: bool,
 }
 
 impl Default for Options {
@@ -75,6 +81,8 @@ impl Default for Options {
             chunk_size: None,
             compress: None,
             progress: false,
+            xattr_prefixes: Vec::new(),
+            xattr_name_filter: false,
         }
     }
 }
@@ -389,62 +397,13 @@ pub fn write_image(tree: &Tree, file: &File, opts: &Options) -> Result<BuildRepo
             || p.mtime_nsec != fixed_nsec;
     }
 
-    // Shared xattrs: every (name, value) pair that more than one inode has.
-    let mut pair_count: BTreeMap<(&[u8], &[u8]), u32> = BTreeMap::new();
-    for p in &plans {
-        for (name, value) in &tree.nodes[p.node].xattrs {
-            if format::xattr_split(name).is_none() {
-                return Err(Error::input(format!(
-                    "xattr {} cannot be stored in EROFS (unknown namespace)",
-                    String::from_utf8_lossy(name)
-                )));
-            }
-            if value.len() > 65535 {
-                return Err(Error::input(format!(
-                    "xattr {} value is larger than 64 KiB",
-                    String::from_utf8_lossy(name)
-                )));
-            }
-            *pair_count.entry((name, value)).or_insert(0) += 1;
-        }
-    }
-    let mut shared_area = Vec::new();
-    let mut shared_id: HashMap<(&[u8], &[u8]), u32> = HashMap::new();
-    for (&(name, value), &count) in &pair_count {
-        if count > 1 {
-            // Checked above: every stored name splits.
-            let (index, suffix) = format::xattr_split(name).unwrap_or((1, name));
-            shared_id.insert((name, value), (shared_area.len() / 4) as u32);
-            shared_area.extend_from_slice(&format::xattr_entry(index, suffix, value));
-        }
-    }
-    for p in &mut plans {
-        let xattrs = &tree.nodes[p.node].xattrs;
-        if xattrs.is_empty() {
-            continue;
-        }
-        let mut ids = Vec::new();
-        let mut inline = Vec::new();
-        for (name, value) in xattrs {
-            match shared_id.get(&(name.as_slice(), value.as_slice())) {
-                Some(&id) if ids.len() < 255 => ids.push(id),
-                _ => {
-                    let (index, suffix) = format::xattr_split(name).unwrap_or((1, name));
-                    inline.extend_from_slice(&format::xattr_entry(index, suffix, value));
-                }
-            }
-        }
-        let mut body = vec![0u8; 12];
-        body[4] = ids.len() as u8;
-        for id in ids {
-            body.extend_from_slice(&id.to_le_bytes());
-        }
-        body.extend_from_slice(&inline);
-        if (body.len() - 12) / 4 + 1 > 0xffff {
-            return Err(Error::input("an inode's xattrs are too large"));
-        }
+    // Shared xattrs, inline bodies, long prefixes and name filters.
+    let xattr_sets: Vec<_> = plans.iter().map(|p| &tree.nodes[p.node].xattrs).collect();
+    let mut xattrs = XattrLayout::new(&xattr_sets, &opts.xattr_prefixes, opts.xattr_name_filter)?;
+    for (p, body) in plans.iter_mut().zip(std::mem::take(&mut xattrs.bodies)) {
         p.xattr_body = body;
     }
+    let shared_area = std::mem::take(&mut xattrs.head);
 
     let mut incompat = 0u32;
     let cfgs = match &opts.compress {
@@ -800,6 +759,7 @@ pub fn write_image(tree: &Tree, file: &File, opts: &Options) -> Result<BuildRepo
         }
     }
     sb[80..84].copy_from_slice(&incompat.to_le_bytes());
+    xattrs.fill_superblock(&mut sb, meta_blkaddr * bs)?;
     let bt = build_time
         .saturating_sub(epoch)
         .clamp(0, i64::from(u32::MAX)) as u32;

@@ -219,7 +219,7 @@ pub fn open_image(image: &Path, opts: &VerityOptions) -> Result<OpenedImage> {
                 p.clone(),
                 opts.hash_offset.unwrap_or(0),
             ),
-            (None, None) => match opts.hash_offset {
+            (None, None) => match opts.hash_offset.or_else(|| appended_tree_offset(&*data)) {
                 Some(off) => (None, image.to_path_buf(), off),
                 None => {
                     return Err(Error::invalid(format!(
@@ -243,6 +243,23 @@ pub fn open_image(image: &Path, opts: &VerityOptions) -> Result<OpenedImage> {
             signature,
         }),
     })
+}
+
+/// Where a hash tree appended to an EROFS image starts, for images given
+/// without `--hash-offset`: right after the filesystem's blocks, rounded up
+/// to 4 KiB, which is where `immount build --verity` and `immount verity
+/// format` (and `veritysetup format` on the image file) put it. `None` when
+/// `image` is not EROFS or has no verity superblock there.
+///
+/// Nothing read here is trusted: the offset only says where to look, and the
+/// tree found there must still match the root hash.
+pub fn appended_tree_offset(image: &dyn ReadAt) -> Option<u64> {
+    let sb = erofs::Superblock::read(image).ok()?;
+    let fs_end = sb.blocks.checked_mul(1u64 << sb.blkszbits)?;
+    let offset = fs_end.checked_next_multiple_of(4096)?;
+    let mut signature = [0u8; 8];
+    image.read_exact_at(&mut signature, offset).ok()?;
+    (&signature == crate::superblock::SIGNATURE).then_some(offset)
 }
 
 /// A [`VerifiedReader`] over `data` for the tree with a superblock at
@@ -329,6 +346,56 @@ fn check_signature(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tree appended to an EROFS image is found right after its blocks,
+    /// and `open_image` uses it when only the root hash is given; a file
+    /// that is not EROFS has none.
+    #[test]
+    fn appended_tree_is_found_after_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("plain.erofs");
+        // The reference corpus beside the repository (../shared/corpus).
+        std::fs::copy("../../../shared/corpus/images/plain.erofs", &image)
+            .expect("the corpus image ../shared/corpus/images/plain.erofs");
+        let fs_size = std::fs::metadata(&image).unwrap().len();
+        let opts = crate::FormatOptions {
+            salt: Some(vec![7; 32]),
+            uuid: Some([1; 16]),
+            ..Default::default()
+        };
+        let report = crate::format_image(&image, None, None, &opts).unwrap();
+        let file = File::open(&image).unwrap();
+        assert_eq!(appended_tree_offset(&file), Some(report.hash_offset));
+        assert_eq!(report.hash_offset, fs_size.next_multiple_of(4096));
+        let opened = open_image(
+            &image,
+            &VerityOptions {
+                root_hash: Some(report.root_hash),
+                no_sidecars: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            opened.verity.unwrap().geometry.hash_offset(),
+            report.hash_offset
+        );
+
+        let other = dir.path().join("data");
+        std::fs::write(&other, vec![0u8; 8192]).unwrap();
+        let report = crate::format_image(&other, None, None, &opts).unwrap();
+        assert_eq!(appended_tree_offset(&File::open(&other).unwrap()), None);
+        let err = open_image(
+            &other,
+            &VerityOptions {
+                root_hash: Some(report.root_hash),
+                no_sidecars: true,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no hash tree"), "{err}");
+    }
 
     #[test]
     fn sidecar_names_follow_systemd() {

@@ -37,6 +37,12 @@ fn tar_builds_are_faithful_and_reproducible() {
         vec![],
         vec!["-zlz4hc", "-Eztailpacking"],
         vec!["-zzstd", "-C65536"],
+        vec![
+            "--xattr-prefix",
+            "trusted.overlay.",
+            "--xattr-prefix=user.k",
+            "-Exattr-name-filter",
+        ],
     ]
     .iter()
     .enumerate()
@@ -54,6 +60,14 @@ fn tar_builds_are_faithful_and_reproducible() {
             std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
             "{opts:?}: two builds differ"
         );
+        if opts.contains(&"-Exattr-name-filter") {
+            // Names went through the long prefix: none repeats its infix.
+            let bytes = std::fs::read(&a).unwrap();
+            assert!(
+                !bytes.windows(14).any(|w| w == b"overlay.opaque"),
+                "--xattr-prefix was not used"
+            );
+        }
         assert_same_manifest(
             &format!("build {opts:?}"),
             &manifest_of(&a),
@@ -62,6 +76,9 @@ fn tar_builds_are_faithful_and_reproducible() {
     }
 }
 
+/// `build --verity` prints the root hash and the tree's offset; immount's
+/// commands find the appended tree without being told the offset, and
+/// veritysetup agrees with the printed one.
 #[test]
 fn verity_build_checks_out() {
     let tmp = tempfile::tempdir().unwrap();
@@ -74,23 +91,30 @@ fn verity_build_checks_out() {
         img.as_os_str(),
     ]);
     assert_eq!(code, 0, "{err}");
-    let root = (out.clone() + &err)
-        .split_whitespace()
-        .find(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()))
-        .unwrap_or_else(|| panic!("no root hash printed: {out} {err}"))
-        .to_string();
-    let offset = err
-        .lines()
-        .find_map(|l| l.strip_prefix("verity hash offset: "))
-        .unwrap_or_else(|| panic!("no hash offset printed: {err}"))
-        .trim()
-        .to_string();
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name:?} line printed: {out}"))
+            .trim()
+            .to_string()
+    };
+    let root = field("Root hash:");
+    assert!(
+        root.len() == 64 && root.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{root:?}"
+    );
+    let offset: u64 = field("Hash offset:").parse().unwrap();
+    // The tree starts right after the filesystem, on a 4 KiB boundary.
+    let reader = erofs::Image::open(std::sync::Arc::new(std::fs::File::open(&img).unwrap()))
+        .expect("the image with its tree still opens");
+    let sb = reader.superblock();
+    assert_eq!(offset, (sb.blocks << sb.blkszbits).next_multiple_of(4096));
+
+    // No --hash-offset: verify and fsck look right after the filesystem.
     let out = immount(&[
         "verity".as_ref(),
         "verify".as_ref(),
         img.as_os_str(),
-        "--hash-offset".as_ref(),
-        offset.as_ref(),
         "--root-hash".as_ref(),
         root.as_ref(),
     ]);
@@ -99,20 +123,47 @@ fn verity_build_checks_out() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (wrong, _) = root.split_at(63);
-    let wrong = format!("{wrong}{}", if root.ends_with('0') { '1' } else { '0' });
     let out = immount(&[
         "fsck".as_ref(),
-        img.as_os_str(),
-        "--hash-offset".as_ref(),
-        offset.as_ref(),
         "--root-hash".as_ref(),
-        wrong.as_ref(),
+        root.as_ref(),
+        img.as_os_str(),
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
+    assert!(
+        out.status.success(),
         "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (wrong, _) = root.split_at(63);
+    let wrong = format!("{wrong}{}", if root.ends_with('0') { '1' } else { '0' });
+    for args in [
+        vec!["fsck", "--root-hash", &wrong],
+        vec!["verity", "verify", "--root-hash", &wrong],
+    ] {
+        let mut all: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        all.push(img.as_os_str());
+        let out = immount(&all);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // veritysetup (Debian package cryptsetup-bin) with the printed offset.
+    let out = std::process::Command::new("veritysetup")
+        .arg("verify")
+        .arg(&img)
+        .arg(&img)
+        .arg(&root)
+        .arg(format!("--hash-offset={offset}"))
+        .output()
+        .expect("run veritysetup (apt-get install cryptsetup-bin)");
+    assert!(
+        out.status.success(),
+        "veritysetup: {}{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
 }
