@@ -466,12 +466,9 @@ fn mount_image_inner(
             "verity data or signature given without rootHash",
         ));
     }
-    if root.is_some() && verity.is_none() && hash_offset.is_none() {
-        return Err(err(
-            "VerityFailure",
-            "rootHash needs verityDataFileDescriptor or verityHashOffset",
-        ));
-    }
+    // A rootHash alone means a tree appended to the image (as `immount
+    // build --verity` writes): the sandboxed server finds it, since the
+    // daemon never reads the image's format.
     let class = match (&root, &signature) {
         (Some(root), Some(sig)) => {
             let sig = base64ct::Base64::decode_vec(sig)
@@ -673,7 +670,7 @@ fn make_mount(
     let mount_fd = sys::fuse_fsmount(dev.as_fd(), &spec).map_err(|e| internal("fsmount", e))?;
     let config = ServerConfig {
         root_hash: root.map(|r| r.to_hex()),
-        hash_offset: hash_offset.unwrap_or(0),
+        hash_offset,
         verity_fd: verity.is_some(),
         map_ids_to: (applied.ids == Ids::Caller).then_some((peer.uid, peer.gid)),
         memory_limit: applied.server_memory,

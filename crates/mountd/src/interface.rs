@@ -43,6 +43,8 @@ method MountImage(
   directoryFileDescriptor: ?int,
   verityDataFileDescriptor: ?int,
   # Offset of the verity superblock in the verity data (or image) file.
+  # With rootHash alone, a tree appended to the image right after the
+  # filesystem (4 KiB aligned) is used.
   verityHashOffset: ?int,
   # The dm-verity root hash, hex.
   rootHash: ?string,

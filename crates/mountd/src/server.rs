@@ -48,7 +48,7 @@ pub struct ServerConfig {
     /// Verify every block against this root hash (hex).
     pub root_hash: Option<String>,
     /// Where the verity superblock is in the verity data (or the image).
-    pub hash_offset: u64,
+    pub hash_offset: Option<u64>,
     /// Whether a verity data descriptor follows the image's.
     pub verity_fd: bool,
     /// Show every file as owned by this uid and gid.
@@ -211,7 +211,20 @@ fn open_reader(
         ) as Arc<dyn ReadAt>),
         None => None,
     };
-    let reader = verity::policy::open_verified(Arc::new(image), tree, config.hash_offset, root)
+    let hash_offset = match (config.hash_offset, &tree) {
+        (Some(offset), _) => offset,
+        // A separate tree file starts with its superblock.
+        (None, Some(_)) => 0,
+        // The tree appended right after the filesystem, if there is one.
+        (None, None) => verity::policy::appended_tree_offset(&image).ok_or_else(|| {
+            (
+                CODE_VERITY,
+                "no verity tree: none appended to the image, and no verity data or hash offset given"
+                    .to_owned(),
+            )
+        })?,
+    };
+    let reader = verity::policy::open_verified(Arc::new(image), tree, hash_offset, root)
         .map_err(verity_err)?;
     Ok(Arc::new(reader))
 }

@@ -555,6 +555,51 @@ fn signed_images_keep_ids_and_bad_signatures_are_refused() {
 }
 
 #[test]
+fn a_root_hash_alone_finds_the_tree_appended_to_the_image() {
+    need_root!();
+    let d = Daemon::start("");
+    let image = d.image();
+    // `immount build --verity` appends the tree right after the image's
+    // blocks; so does formatting without a hash file.
+    let appended = d.path("appended.erofs");
+    fs::copy(&image, &appended).unwrap();
+    let report =
+        verity::format_image(&appended, None, None, &verity::FormatOptions::default()).unwrap();
+    assert_eq!(report.hash_offset, fs::metadata(&image).unwrap().len());
+    fs::set_permissions(&appended, fs::Permissions::from_mode(0o644)).unwrap();
+    let root = report.root_hash.to_hex();
+
+    let dir = d.dir_owned("appended", true);
+    let args = ["--no-sidecars", "--root-hash", root.as_str()];
+    let out = as_user(&refs(&d.client(&args, &appended, &dir)));
+    assert!(out.status.success(), "{}\n{}", text(&out), d.log_text());
+    let decision: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(decision["imageIdentity"], format!("verity:{root}"));
+    let cat = as_user(&["cat", dir.join("hello.txt").to_str().unwrap()]);
+    assert_eq!(
+        String::from_utf8_lossy(&cat.stdout),
+        HELLO,
+        "{}",
+        text(&cat)
+    );
+    let un = as_user(&["fusermount3", "-u", dir.to_str().unwrap()]);
+    assert!(un.status.success(), "{}", text(&un));
+
+    // The same root hash on the image without its tree: refused, nothing
+    // mounted.
+    let bare = d.dir_owned("bare", true);
+    let out = as_user(&refs(&d.client(&args, &image, &bare)));
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no verity tree"),
+        "{}",
+        text(&out)
+    );
+    assert!(!d.mount_options(&bare).contains("fuse.immount"));
+    d.wait_no_servers();
+}
+
+#[test]
 fn python_varlink_client() {
     need_root!();
     let d = Daemon::start("");
