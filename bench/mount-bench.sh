@@ -25,8 +25,10 @@
 # whole tree, cold and warm read of every file (tar to a pipe), peak RSS of
 # the server process, the page cache grown by one cold read of everything
 # (all of the machine's "Cached": noisy when others are busy) and how much
-# of the image file itself stays cached after it (fincore); then each
-# figure's ratio to the kernel's in the same run.
+# of the image file itself stays cached after it (fincore), and the CPU time
+# the server's processes used from the mount to the end of the stat walks
+# and of the reads (all their threads, from /proc/PID/task/*/schedstat);
+# then each figure's ratio to the kernel's in the same run.
 # Cold means: page cache dropped and a fresh mount.
 #
 # Why paired ratios: on a shared machine the noise from run to run is
@@ -118,6 +120,17 @@ do_umount() {
 }
 must_be_mounted() { mountpoint -q "$MP" || { echo "$1: mount failed" >&2; exit 1; }; }
 server_pid() { pgrep -n -f -- " $MP\$" || true; }
+# CPU time (s) so far of every thread of every process serving the mount
+# (the confined server and its supervisor, which did the setup before it
+# forked; or the one unconfined process), from schedstat (ns): unlike
+# wall-clock time it hardly moves with the load of others, and it is where
+# a per-request cost of the sandbox (seccomp on each syscall) shows.
+cpu_s() {
+    local p files=()
+    for p in $(pgrep -f -- " $MP\$" || true); do files+=(/proc/"$p"/task/*/schedstat); done
+    [ ${#files[@]} -gt 0 ] || { echo 0; return; }
+    cat "${files[@]}" 2>/dev/null | awk '{ ns += $1 } END { printf "%.4f", ns / 1e9 }'
+}
 stat_walk() { find "$MP" -printf '%s %m\n' >/dev/null; }
 read_all() { tar -C "$MP" -cf - . 2>/dev/null | cat >/dev/null; }
 timed() { local t0 t1; t0=$(now); "$@"; t1=$(now); awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }'; }
@@ -163,6 +176,7 @@ for run in $(seq "$RUNS"); do
         t_cold_stat=$(timed stat_walk)
         t_warm_stat=$(best_of_k stat_walk)
         setup=0; [ "$d" = immount ] && setup=$(setup_us); setup=${setup:-0}
+        cpu_stat=0; [ "$d" = kernel ] || cpu_stat=$(cpu_s)
         do_umount "$d"
         # Reads on a fresh mount and cold cache.
         drop_caches
@@ -175,14 +189,15 @@ for run in $(seq "$RUNS"); do
         img_cached=$(( $(fincore -n -b -o RES "$src" 2>/dev/null || echo 0) / 1048576 ))
         t_warm_read=$(best_of_k read_all)
         pid=$(server_pid)
+        cpu_read=0; [ "$d" = kernel ] || cpu_read=$(cpu_s)
         rss=0
         if [ "$d" != kernel ] && [ -n "$pid" ]; then
             rss=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
         fi
         do_umount "$d"
         growth=$(( (after - before) / 1024 ))
-        echo "$run $d $t_mount $t_cold_stat $t_warm_stat $t_cold_read $t_warm_read $((rss / 1024)) $growth $img_cached $setup" >> "$RESULTS"
-        echo "run $run $d: mount $t_mount s, stat cold $t_cold_stat warm $t_warm_stat, read cold $t_cold_read warm $t_warm_read, rss ${rss} KiB, cache +${growth} MiB, image cached ${img_cached} MiB, load $(cut -d' ' -f1 /proc/loadavg)" >&2
+        echo "$run $d $t_mount $t_cold_stat $t_warm_stat $t_cold_read $t_warm_read $((rss / 1024)) $growth $img_cached $setup $cpu_stat $cpu_read" >> "$RESULTS"
+        echo "run $run $d: mount $t_mount s, stat cold $t_cold_stat warm $t_warm_stat, read cold $t_cold_read warm $t_warm_read, rss ${rss} KiB, cache +${growth} MiB, image cached ${img_cached} MiB, server CPU stat $cpu_stat s read $cpu_read s, load $(cut -d' ' -f1 /proc/loadavg)" >&2
     done
 done
 
@@ -193,9 +208,9 @@ rows, by_run = {}, {}
 for line in open(sys.argv[1]):
     f = line.split()
     values = [float(x) for x in f[2:]]
-    rows.setdefault(f[1], []).append(values[:8])
-    by_run.setdefault(int(f[0]), {})[f[1]] = values
-names = ["mount s", "stat cold s", "stat warm s", "read cold s", "read warm s", "server RSS MiB", "cache growth MiB", "image cached MiB"]
+    rows.setdefault(f[1], []).append(values[:8] + values[9:11])
+    by_run.setdefault(int(f[0]), {})[f[1]] = values[:8] + values[9:11] + values[8:9]
+names = ["mount s", "stat cold s", "stat warm s", "read cold s", "read warm s", "server RSS MiB", "cache growth MiB", "image cached MiB", "server CPU stat s", "server CPU read s"]
 med = {d: [statistics.median(c) for c in zip(*v)] for d, v in rows.items()}
 k = med["kernel"]
 tree = f", tree {int(sys.argv[3]) / 1e6:.0f} MB" if sys.argv[3] else ""
@@ -206,7 +221,12 @@ for d, m in med.items():
     cells = []
     for i, v in enumerate(m):
         ratio = "" if d == "kernel" or k[i] == 0 else f" ({v / k[i]:.2f}x)"
-        cells.append(f"{v:.3f}{ratio}" if i < 5 else f"{v:.0f}{ratio if i >= 6 else ''}")
+        if i < 5:
+            cells.append(f"{v:.3f}{ratio}")
+        elif i < 8:
+            cells.append(f"{v:.0f}{ratio if i >= 6 else ''}")
+        else:
+            cells.append(f"{v:.3f}")
     print(f"| {d} | " + " | ".join(cells) + " |")
 
 # The sandbox's cost: per run, the ratio of the two measurements taken back
@@ -217,13 +237,15 @@ if pairs:
     print(f"sandbox cost: median of {len(pairs)} paired ratios sandbox / no-sandbox (measured back to back, order alternating)")
     print("| figure | median ratio | min..max | cost |")
     print("|---|---|---|---|")
-    for i, name in enumerate(names[:7]):
+    for i, name in enumerate(names):
+        if name == "image cached MiB":
+            continue
         ratios = [r["immount"][i] / r["immount-nosandbox"][i] for r in pairs if r["immount-nosandbox"][i] > 0]
         if not ratios:
             continue
         m = statistics.median(ratios)
         print(f"| {name} | {m:.3f} | {min(ratios):.3f}..{max(ratios):.3f} | {100 * (m - 1):+.1f}% |")
-    setups = [r["immount"][8] for r in pairs if r["immount"][8] > 0]
+    setups = [r["immount"][10] for r in pairs if r["immount"][10] > 0]
     if setups:
         print(f"sandbox::apply setup time per mount: median {statistics.median(setups):.0f} µs ({min(setups):.0f}..{max(setups):.0f})")
 EOF
