@@ -1134,7 +1134,17 @@ fn the_server_inside_a_root_only_user_namespace_is_still_confined() {
         image = corpus.join("images/plain.erofs").display(),
         mp = mp.display()
     );
-    let mut child = ChildGuard(
+    // On drop (also when an assertion fails) the script is told to go on
+    // and is waited for, so that it unmounts: killing it would leave the
+    // server serving a mount in a namespace nobody can reach.
+    struct Script(Child);
+    impl Drop for Script {
+        fn drop(&mut self) {
+            drop(self.0.stdin.take());
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Script(
         Command::new("unshare")
             .args(["-Urm", "sh", "-c", &script])
             .stdin(Stdio::piped())
