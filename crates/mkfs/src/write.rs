@@ -120,9 +120,10 @@ pub fn build_image(tree: &Tree, dest: &Path, opts: &Options) -> Result<BuildRepo
             .set_permissions(std::fs::Permissions::from_mode(0o644))
             .map_err(|e| Error::io(tmp.path(), e))?;
     }
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io(tmp.path(), e))?;
+    // No fsync: like mkfs.erofs and linkers, the build leaves write-back to
+    // the kernel (syncing made a compressed build wait a second or more for
+    // the disk). The rename still shows readers a whole image or none; a
+    // caller that needs it on disk across a crash runs `sync`.
     tmp.persist(dest).map_err(|e| Error::io(dest, e.error))?;
     Ok(report)
 }

@@ -215,6 +215,9 @@ pub(crate) fn config_records(c: &CompressOptions, bs: u32) -> Result<Vec<u8>> {
 /// Per-thread encoders.
 enum Encoder {
     Lz4(lz4::Lz4Encoder),
+    /// liblz4's HC encoder at this level, which fills a destination in one
+    /// pass (what mkfs.erofs uses: same ratio at less CPU than ours).
+    Lz4hc(i32, Vec<u8>),
     Fit(fit::Fitter),
 }
 
@@ -222,7 +225,7 @@ impl Encoder {
     fn new(alg: Algorithm, level: i32) -> Encoder {
         match alg {
             Algorithm::Lz4 => Encoder::Lz4(lz4::Lz4Encoder::new(1)),
-            Algorithm::Lz4hc => Encoder::Lz4(lz4::Lz4Encoder::new(1 << (level.clamp(2, 12) - 1))),
+            Algorithm::Lz4hc => Encoder::Lz4hc(level.clamp(2, 12), Vec::new()),
             _ => Encoder::Fit(fit::Fitter::new(alg, level, DICT_SIZE)),
         }
     }
@@ -232,6 +235,13 @@ impl Encoder {
             Encoder::Lz4(e) => {
                 let (n, out) = e.compress_dest(src, cap);
                 (n > 0).then_some((n, out))
+            }
+            Encoder::Lz4hc(level, buf) => {
+                buf.resize(cap, 0);
+                match lzzzz::lz4_hc::compress_fill(src, &mut buf[..cap], *level) {
+                    Ok((n, w)) if n > 0 => Some((n, buf[..w].to_vec())),
+                    _ => None,
+                }
             }
             Encoder::Fit(f) => f.fit(src, cap),
         }
