@@ -23,7 +23,7 @@ immount=${IMMOUNT:-$here/target/release/immount}
 mkfs=${MKFS:-/work/bench/bin/mkfs.erofs}
 manifest=${MANIFEST:-$here/../shared/corpus/manifest.py}
 [ -f "$manifest" ] || manifest=/work/shared/corpus/manifest.py
-sets=${SETS:-"-T0;-T0 -zlz4;-T0 -zlz4hc -C65536;-T0 -zlz4hc -C65536 -Eztailpacking;-T0 -zlz4hc -C65536 -Efragments,dedupe;-T0 -zzstd -C65536;-T0 -zdeflate -C65536;-T0 -zlzma -C65536"}
+sets=${SETS:-"-T0;-T0 -zlz4;-T0 -zlz4hc -C65536;-T0 -zlz4hc -C65536 -Eztailpacking;-T0 -zlz4hc -C65536 -Efragments,dedupe;-T0 -zlz4hc -C65536 -Ededupe;-T0 -zzstd -C65536;-T0 -zdeflate -C65536;-T0 -zlzma -C65536"}
 
 for t in "$immount" "$mkfs"; do
     [ -x "$t" ] || { echo "missing $t" >&2; exit 2; }
