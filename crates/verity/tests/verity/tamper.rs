@@ -408,3 +408,33 @@ fn partial_reads_reach_the_image_as_asked() {
         assert!(data.reads.lock().unwrap().is_empty());
     }
 }
+
+/// A 1 MiB read (what the FUSE server asks for) fails wherever in it the
+/// changed byte lies, and leaves nothing behind.
+#[test]
+fn big_reads_fail_wherever_the_change_lies() {
+    for budget in BUDGETS {
+        let f = Fixture {
+            budget,
+            ..fixture("plain.erofs", 4096, 4096)
+        };
+        let len = (1 << 20).min(f.blocks() * f.dbs()) as usize;
+        assert!(len >= 512 * 1024, "the image is too small for this test");
+        let reader = f.reader(f.data.clone(), f.hash.clone()).unwrap();
+        let mut buf = vec![0u8; len];
+        reader.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, f.data[..len]);
+        for at in [100, len / 2 - 1, len / 2 + 1, len - 1] {
+            let mut data = f.data.clone();
+            data[at] ^= 0x80;
+            let reader = f.reader(data, f.hash.clone()).unwrap();
+            let mut buf = vec![0xeeu8; len];
+            let err = reader.read_exact_at(&mut buf, 0).unwrap_err();
+            assert_corrupt(&err, &format!("data block {} ", at as u64 / f.dbs()));
+            assert!(
+                buf.iter().all(|&b| b == 0),
+                "bytes left behind (change at {at})"
+            );
+        }
+    }
+}
