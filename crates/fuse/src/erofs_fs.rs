@@ -63,40 +63,28 @@ impl ErofsFs {
         let primary = ImageFile::open(path, low_memory)
             .map_err(|e| OpenError::Io(path.display().to_string(), e))?;
         let mut fds = vec![primary.fd()];
-        let mut primary: Arc<dyn ReadAt> = Arc::new(primary);
         // The policy (root hash, sidecars, signature, where the tree is)
         // is settled by the verity crate; the reads themselves go through
-        // our own files, whose descriptors the sandbox keeps.
-        let opened = verity::open_image(path, verity).map_err(OpenError::Verity)?;
-        if let Some(info) = opened.verity {
-            drop(opened.reader);
-            let tree: Option<Arc<dyn ReadAt>> = if info.tree_path == path {
-                None
-            } else {
-                let t = ImageFile::open(&info.tree_path, low_memory)
-                    .map_err(|e| OpenError::Io(info.tree_path.display().to_string(), e))?;
-                fds.push(t.fd());
-                Some(Arc::new(t))
-            };
-            // Blocks are hashed in the READ that wants them. Hashing the
-            // data after each READ ahead on a thread of its own was tried
-            // and measured slower on the Debian image (more disk reads and
-            // CPU for blocks read twice or never wanted).
-            let verified =
-                verity::open_verified(primary, tree, info.geometry.hash_offset(), info.root_hash)
-                    .map_err(OpenError::Verity)?;
-            // The tree covers this file only: extra devices would reach the
-            // parser unchecked, so an image that has them is refused.
-            verity::refuse_extra_devices(&verified, path).map_err(OpenError::Verity)?;
-            if !devices.is_empty() {
-                return Err(OpenError::Verity(verity::Error::Unsupported(format!(
-                    "{}: extra devices (--device) are not covered by dm-verity: \
-                     refused while verity is on",
-                    path.display()
-                ))));
-            }
-            primary = Arc::new(verified);
+        // our own files, whose descriptors the sandbox keeps. Blocks are
+        // hashed in the READ that wants them: hashing the data after each
+        // READ ahead on a thread of its own was tried and measured slower
+        // on the Debian image (more disk reads and CPU for blocks read
+        // twice or never wanted). An image whose device table names extra
+        // devices is refused under verity (the tree covers this file only).
+        let opened = verity::open_image_from(path, Arc::new(primary), verity, &mut |p| {
+            let tree = ImageFile::open(p, low_memory)?;
+            fds.push(tree.fd());
+            Ok(Arc::new(tree))
+        })
+        .map_err(OpenError::Verity)?;
+        if opened.verity.is_some() && !devices.is_empty() {
+            return Err(OpenError::Verity(verity::Error::Unsupported(format!(
+                "{}: extra devices (--device) are not covered by dm-verity: \
+                 refused while verity is on",
+                path.display()
+            ))));
         }
+        let primary = opened.reader;
         let mut extra: Vec<Arc<dyn ReadAt>> = Vec::new();
         for d in devices {
             let f = ImageFile::open(d, low_memory)

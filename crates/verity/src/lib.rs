@@ -39,8 +39,8 @@ pub mod tree;
 pub use error::{Error, Result};
 pub use geometry::{Geometry, VerityParams};
 pub use policy::{
-    open_image, open_verified, refuse_extra_devices, OpenedImage, Sidecars, SignatureStatus,
-    TrustPolicy, VerityOptions,
+    open_image, open_image_from, open_verified, refuse_extra_devices, OpenedImage, Sidecars,
+    SignatureStatus, TrustPolicy, VerityOptions,
 };
 pub use reader::VerifiedReader;
 pub use root_hash::RootHash;

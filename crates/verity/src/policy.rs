@@ -172,6 +172,19 @@ fn read_capped(path: &Path, max: u64) -> Result<Vec<u8>> {
 /// is no valid signature; the tree's top does not match the root hash; a
 /// tree or signature is given without a root hash.
 pub fn open_image(image: &Path, opts: &VerityOptions) -> Result<OpenedImage> {
+    let data: Arc<dyn ReadAt> = Arc::new(open(image)?);
+    open_image_from(image, data, opts, &mut |p| Ok(Arc::new(File::open(p)?)))
+}
+
+/// [`open_image`] for a caller that reads through files of its own: `data`
+/// is the image at `image` already opened, and `open_tree` opens a separate
+/// hash tree file when one is used. The returned reader reads through them.
+pub fn open_image_from(
+    image: &Path,
+    data: Arc<dyn ReadAt>,
+    opts: &VerityOptions,
+    open_tree: &mut dyn FnMut(&Path) -> std::io::Result<Arc<dyn ReadAt>>,
+) -> Result<OpenedImage> {
     let sidecars = if opts.no_sidecars {
         Sidecars::default()
     } else {
@@ -204,18 +217,17 @@ pub fn open_image(image: &Path, opts: &VerityOptions) -> Result<OpenedImage> {
             ));
         }
         return Ok(OpenedImage {
-            reader: Arc::new(open(image)?),
+            reader: data,
             verity: None,
         });
     };
 
     let signature = check_signature(&root_hash, opts, &sidecars)?;
 
-    let data: Arc<dyn ReadAt> = Arc::new(open(image)?);
     let (tree, tree_path, offset): (Option<Arc<dyn ReadAt>>, PathBuf, u64) =
         match (&opts.verity_data, &sidecars.verity) {
             (Some(p), _) | (None, Some(p)) => (
-                Some(Arc::new(open(p)?)),
+                Some(open_tree(p).map_err(|e| Error::io(format!("opening {}", p.display()), e))?),
                 p.clone(),
                 opts.hash_offset.unwrap_or(0),
             ),
