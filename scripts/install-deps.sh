@@ -14,6 +14,9 @@ packages=(
   util-linux     # unshare, mount, losetup
   kmod           # modprobe fuse/erofs/loop where needed
   time           # /usr/bin/time: peak memory of crafted-image tests
+  gcc            # the linker, and the C of the builder's liblz4 and libzstd
+  libc6-dev
+  debootstrap    # ../shared/bench/make-rootfs.sh: the Debian-tree test
 )
 missing=()
 for p in "${packages[@]}"; do
