@@ -242,6 +242,25 @@ impl Spawned {
     }
 }
 
+/// What every confined process's /proc/PID/status shows: seccomp in
+/// filter mode, no_new_privs, and no capability in any set. `context` is
+/// added to the first failure's message.
+fn ensure_confined(status: &str, context: &str) -> TestResult {
+    let field = |k| status_field(status, k).unwrap_or("<missing>");
+    ensure(field("Seccomp") == "2", || {
+        format!("Seccomp: {}\n{status}\n{context}", field("Seccomp"))
+    })?;
+    ensure(field("NoNewPrivs") == "1", || {
+        format!("NoNewPrivs: {}", field("NoNewPrivs"))
+    })?;
+    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        ensure(field(cap) == "0000000000000000", || {
+            format!("{cap}: {}", field(cap))
+        })?;
+    }
+    Ok(())
+}
+
 fn status_field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
     status
         .lines()
@@ -263,20 +282,10 @@ fn check_running_child(
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
     let field = |k| status_field(&status, k).unwrap_or("<missing>");
-    ensure(field("Seccomp") == "2", || {
-        format!("Seccomp: {}\n{status}", field("Seccomp"))
-    })?;
+    ensure_confined(&status, "")?;
     ensure(field("Seccomp_filters") == "1", || {
         format!("Seccomp_filters: {}", field("Seccomp_filters"))
     })?;
-    ensure(field("NoNewPrivs") == "1", || {
-        format!("NoNewPrivs: {}", field("NoNewPrivs"))
-    })?;
-    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        ensure(field(cap) == "0000000000000000", || {
-            format!("{cap}: {}", field(cap))
-        })?;
-    }
     let uids: Vec<&str> = field("Uid").split_whitespace().collect();
     ensure(uids.iter().all(|u| *u == expect_uid.to_string()), || {
         format!("Uid: {uids:?}, expected {expect_uid}")
@@ -449,17 +458,7 @@ fn root_only_userns(as_nobody: bool) -> TestResult {
     let (exit, _, err) = s.finish()?;
     let status = status?;
     let field = |k| status_field(&status, k).unwrap_or("<missing>");
-    ensure(field("Seccomp") == "2", || {
-        format!("Seccomp: {}\n{status}\nstderr: {err}", field("Seccomp"))
-    })?;
-    ensure(field("NoNewPrivs") == "1", || {
-        format!("NoNewPrivs: {}", field("NoNewPrivs"))
-    })?;
-    for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        ensure(field(cap) == "0000000000000000", || {
-            format!("{cap}: {}", field(cap))
-        })?;
-    }
+    ensure_confined(&status, &format!("stderr: {err}"))?;
     // The namespace's root is uid 0 or 65534 outside, as the one who ran
     // unshare.
     let outside = if as_nobody { sandbox::NOBODY } else { 0 };
