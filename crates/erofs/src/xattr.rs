@@ -13,6 +13,13 @@ const XATTR_LONG_PREFIX_MASK: u8 = 0x7f;
 const XATTR_FILTER_SEED: u32 = 0x25BB_E08F;
 const ENTRY_HEADER: usize = 4;
 
+/// The bit of an inode's xattr name filter that a name sets: `suffix` is
+/// the name after its short prefix, `index` that prefix's index (as in
+/// the entry). The writer sets it, the reader tests it.
+pub fn filter_bit(suffix: &[u8], index: u8) -> u32 {
+    xxhash_rust::xxh32::xxh32(suffix, XATTR_FILTER_SEED.wrapping_add(u32::from(index))) & 31
+}
+
 /// One extended attribute with its full name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Xattr {
@@ -295,9 +302,7 @@ impl Image {
                 self.meta_read(inode.in_mbox, inode.after_inode()?, &mut h)?;
                 u32::from_le_bytes(h)
             };
-            let bit =
-                xxhash_rust::xxh32::xxh32(rest, XATTR_FILTER_SEED.wrapping_add(u32::from(index)))
-                    & 31;
+            let bit = filter_bit(rest, index);
             if body_filter & (1u32 << bit) != 0 {
                 return Ok(None);
             }

@@ -20,21 +20,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::error::{Error, Result};
+use erofs::superblock::{compat, incompat};
 
-/// Compatible feature: xattr name filters in inode headers.
-pub const COMPAT_XATTR_FILTER: u32 = 0x4;
-/// Compatible feature: long prefixes stored plainly on the primary device.
-pub const COMPAT_PLAIN_XATTR_PFX: u32 = 0x10;
-/// Incompatible feature: long xattr name prefixes.
-pub const INCOMPAT_XATTR_PREFIXES: u32 = 0x40;
+use crate::error::{Error, Result};
 
 /// An entry's prefix index refers to the long prefix table.
 const LONG_PREFIX: u8 = 0x80;
 /// At most this many long prefixes: their number must fit 7 bits.
 const MAX_LONG_PREFIXES: usize = 0x80;
-/// The seed of the name filter's hash, plus the short prefix index.
-const FILTER_SEED: u32 = 0x25BB_E08F;
 /// Size of an inline body's header.
 const BODY_HEADER: usize = 12;
 
@@ -163,7 +156,7 @@ impl Namer {
 /// The name filter bit of a name (its part after the short prefix and the
 /// short prefix index), as the kernel computes it on lookup.
 pub fn filter_bit(after_base: &[u8], base_index: u8) -> u32 {
-    xxh32(after_base, FILTER_SEED.wrapping_add(u32::from(base_index))) & 31
+    erofs::xattr::filter_bit(after_base, base_index)
 }
 
 /// Every xattr of an image, laid out.
@@ -275,7 +268,7 @@ impl XattrLayout {
             sb[at..at + 4].copy_from_slice(&(old | bits).to_le_bytes());
         };
         if self.filter_used {
-            or_le32(sb, 8, COMPAT_XATTR_FILTER);
+            or_le32(sb, 8, compat::XATTR_FILTER);
         }
         if self.prefix_count > 0 {
             // The start is counted in 4-byte words and has 32 bits.
@@ -283,8 +276,8 @@ impl XattrLayout {
             let start = u32::try_from(start).map_err(|_| {
                 Error::input("the xattr prefix table lies beyond 16 GiB into the image")
             })?;
-            or_le32(sb, 8, COMPAT_PLAIN_XATTR_PFX);
-            or_le32(sb, 80, INCOMPAT_XATTR_PREFIXES);
+            or_le32(sb, 8, compat::PLAIN_XATTR_PFX);
+            or_le32(sb, 80, incompat::XATTR_PREFIXES);
             // At most 128, checked when the table was made.
             sb[91] = self.prefix_count as u8;
             sb[92..96].copy_from_slice(&start.to_le_bytes());
@@ -293,76 +286,9 @@ impl XattrLayout {
     }
 }
 
-/// XXH32, the hash of the name filter.
-pub fn xxh32(input: &[u8], seed: u32) -> u32 {
-    const P1: u32 = 0x9E37_79B1;
-    const P2: u32 = 0x85EB_CA77;
-    const P3: u32 = 0xC2B2_AE3D;
-    const P4: u32 = 0x27D4_EB2F;
-    const P5: u32 = 0x1656_67B1;
-    fn round(acc: u32, lane: u32) -> u32 {
-        acc.wrapping_add(lane.wrapping_mul(P2))
-            .rotate_left(13)
-            .wrapping_mul(P1)
-    }
-    fn le32(b: &[u8]) -> u32 {
-        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    }
-    let mut rest = input;
-    let mut h = if input.len() >= 16 {
-        let mut v = [
-            seed.wrapping_add(P1).wrapping_add(P2),
-            seed.wrapping_add(P2),
-            seed,
-            seed.wrapping_sub(P1),
-        ];
-        while rest.len() >= 16 {
-            for (i, lane) in v.iter_mut().enumerate() {
-                *lane = round(*lane, le32(&rest[4 * i..]));
-            }
-            rest = &rest[16..];
-        }
-        v[0].rotate_left(1)
-            .wrapping_add(v[1].rotate_left(7))
-            .wrapping_add(v[2].rotate_left(12))
-            .wrapping_add(v[3].rotate_left(18))
-    } else {
-        seed.wrapping_add(P5)
-    };
-    // The length is added modulo 2^32, as the reference does.
-    h = h.wrapping_add(input.len() as u32);
-    while rest.len() >= 4 {
-        h = h
-            .wrapping_add(le32(rest).wrapping_mul(P3))
-            .rotate_left(17)
-            .wrapping_mul(P4);
-        rest = &rest[4..];
-    }
-    for &b in rest {
-        h = h
-            .wrapping_add(u32::from(b).wrapping_mul(P5))
-            .rotate_left(11)
-            .wrapping_mul(P1);
-    }
-    h ^= h >> 15;
-    h = h.wrapping_mul(P2);
-    h ^= h >> 13;
-    h = h.wrapping_mul(P3);
-    h ^ (h >> 16)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn xxh32_reference_values() {
-        assert_eq!(xxh32(b"", 0), 0x02CC_5D05);
-        assert_eq!(xxh32(b"abc", 0), 0x32D1_53FF);
-        // Long enough for the four-lane loop, a 4-byte tail and single bytes.
-        let long: Vec<u8> = (0u8..=100).collect();
-        assert_ne!(xxh32(&long, 0), xxh32(&long, 1));
-    }
 
     #[test]
     fn long_prefix_names() {
