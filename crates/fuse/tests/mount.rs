@@ -931,6 +931,8 @@ fn the_server_is_confined_and_its_supervisor_cleans_up() {
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
     assert!(report.contains("seccomp"), "no sandbox report: {report}");
+    // As root, the namespaces were made ahead, while the image was mounted.
+    assert!(report.contains("unshare (ahead)"), "{report}");
     assert!(std::fs::read_dir(&guard.mountpoint).unwrap().count() > 3);
     let procs = processes_naming(guard.mountpoint.to_str().unwrap());
     let (server, supervisor) = procs
@@ -984,6 +986,69 @@ fn the_server_is_confined_and_its_supervisor_cleans_up() {
         !Path::new(&format!("/proc/{supervisor}")).exists()
             || status_field(supervisor, "State:").starts_with('Z')
     });
+}
+
+/// When a user unmounts and mounts again at the same path before the old
+/// supervisor has noticed its server's end, that supervisor must not take
+/// the new mount down with its cleanup (it did: it unmounted by path
+/// whenever its server ended). Its supervisor is stopped here across the
+/// unmount and the new mount to make the order certain.
+#[test]
+fn an_old_supervisor_leaves_a_newer_mount_alone() {
+    require_root!();
+    let dir = TempDir::new("remount");
+    let mp = dir.0.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mp = mp.canonicalize().unwrap();
+    let mount = || {
+        let out = Command::new(bin())
+            .arg("mount")
+            .arg(corpus_dir().join("images/plain.erofs"))
+            .arg(&mp)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    mount();
+    let guard = MountGuard {
+        mountpoint: mp.clone(),
+    };
+    let procs = processes_naming(mp.to_str().unwrap());
+    let (old_server, old_supervisor) = procs
+        .iter()
+        .copied()
+        .find(|(_, ppid)| procs.iter().any(|(p, _)| p == ppid))
+        .expect("a supervisor and its server");
+    let signal = |sig: &str, pid: u32| {
+        let st = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    signal("-STOP", old_supervisor);
+    let st = Command::new("umount").arg(&mp).status().unwrap();
+    assert!(st.success());
+    wait_until("the old server ended", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{old_server}")).exists()
+            || status_field(old_server, "State:").starts_with('Z')
+    });
+    mount();
+    signal("-CONT", old_supervisor);
+    wait_until("the old supervisor exited", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{old_supervisor}")).exists()
+            || status_field(old_supervisor, "State:").starts_with('Z')
+    });
+    assert!(
+        is_mounted(&mp),
+        "the old supervisor unmounted the new mount"
+    );
+    assert!(std::fs::read_dir(&mp).unwrap().count() > 3);
+    drop(guard);
 }
 
 /// `--no-sandbox` serves unconfined (and says so).

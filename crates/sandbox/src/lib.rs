@@ -2,8 +2,11 @@
 //! that parses hostile images gives up everything that serving does not
 //! need, so that a parser bug gains an attacker nothing.
 //!
-//! [`apply`] is the one entry point. The server calls it after the mount is
-//! up and every descriptor it will use is open (`/dev/fuse` and its clones —
+//! [`apply`] is the entry point. (As root, [`prepare_ahead`] and
+//! [`apply_prepared`] split it in two, so that its slow part, the
+//! namespaces, runs on a thread of its own while the mount is made.) The
+//! server calls it after the mount is up and every descriptor it will use
+//! is open (`/dev/fuse` and its clones —
 //! cloning needs to open `/dev/fuse`, impossible afterwards — the image and
 //! device fds, the log pipe), and before it serves.
 //!
@@ -48,6 +51,10 @@
 //! 10. landlock: every filesystem and network right handled, every scope,
 //!     no rule (best ABI the kernel offers);
 //! 11. seccomp last, because it forbids the calls above.
+//!
+//! With [`prepare_ahead`], step 3 (and the reading of `/proc` the later
+//! steps need) runs first, on the preparing thread; the forked child then
+//! runs steps 1, 2 and 4 to 11.
 //!
 //! # When seccomp stops a syscall
 //!
@@ -456,6 +463,7 @@ fn micros(d: Duration) -> String {
 }
 
 /// Records how long each step takes.
+#[derive(Debug)]
 struct Laps {
     last: Instant,
     laps: Vec<(&'static str, Duration)>,
@@ -624,59 +632,185 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
     if !cfg.enabled {
         return Ok(SandboxReport::disabled());
     }
-    if cfg.extra_syscalls.contains(&seccomp::DIE_SYSCALL) {
-        return Err(SandboxError::Config(
-            "socket() cannot be allowed: the sandbox denies it in any case".into(),
-        ));
-    }
+    check_config(cfg)?;
     let mut laps = Laps::new();
     let threads = thread_count().map_err(SandboxError::Threads)?;
     if threads != 1 {
         return Err(SandboxError::Threaded { threads });
     }
-    let euid = rustix::process::geteuid().as_raw();
-    let egid = rustix::process::getegid().as_raw();
-    if euid == 0 && (cfg.uid == 0 || cfg.gid == 0) {
+    let facts = Facts::read(cfg)?;
+    laps.lap("checks");
+
+    // 1. Descriptors, and 2. limits.
+    close_and_limit(cfg, None, &mut laps)?;
+
+    // 3. Namespaces and the empty root.
+    let made = namespaces::enter(facts.euid, facts.egid, &mut laps)?;
+    finish(cfg, facts, made, laps)
+}
+
+/// What [`prepare_ahead`] did on its thread, for [`apply_prepared`] in the
+/// process forked from that thread.
+#[derive(Debug)]
+pub struct Prepared {
+    facts: Facts,
+    /// `/dev/null`, opened while it still could be, for the standard
+    /// streams not kept.
+    null: std::fs::File,
+    made: namespaces::Made,
+    laps: Laps,
+}
+
+/// The slow first part of [`apply`] for a server started as root, run ahead
+/// on a thread of its own while the process still mounts, so that it costs
+/// the mount no time: `/proc` read, then new network, IPC and mount
+/// namespaces and the empty root, which are per thread as root (no user
+/// namespace is needed, and only a user namespace requires a lone thread).
+///
+/// The thread must then fork (the child, a copy of this thread alone, lives
+/// in these namespaces) and the child call [`apply_prepared`] for the rest;
+/// or the thread ends, and what it made goes with it. The rest of the
+/// process is untouched: its namespaces and root are not the thread's.
+/// Made before the FUSE mount, the mount namespace never holds a copy of it.
+///
+/// `Ok(None)`: nothing done, because not root or the namespaces cannot be
+/// made directly (root without `CAP_SYS_ADMIN`, as in a container); use
+/// [`apply`] in the forked process instead, which finds the other ways.
+pub fn prepare_ahead(cfg: &SandboxConfig) -> Result<Option<Prepared>, SandboxError> {
+    if !cfg.enabled || rustix::process::geteuid().as_raw() != 0 {
+        return Ok(None);
+    }
+    check_config(cfg)?;
+    let mut laps = Laps::new();
+    let facts = Facts::read(cfg)?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(SandboxError::CloseFds)?;
+    laps.lap("checks (ahead)");
+    let Some(made) = namespaces::enter_as_root_thread(&mut laps)? else {
+        return Ok(None);
+    };
+    Ok(Some(Prepared {
+        facts,
+        null,
+        made,
+        laps,
+    }))
+}
+
+/// The rest of [`apply`] after [`prepare_ahead`], in the process forked from
+/// the thread that prepared: it has a single thread by construction (a
+/// fork copies only the calling thread), which cannot be checked here any
+/// more, `/proc` being out of sight.
+pub fn apply_prepared(
+    cfg: &SandboxConfig,
+    prepared: Prepared,
+) -> Result<SandboxReport, SandboxError> {
+    let Prepared {
+        facts,
+        null,
+        made,
+        mut laps,
+    } = prepared;
+    laps.last = Instant::now();
+    close_and_limit(cfg, Some(null), &mut laps)?;
+    finish(cfg, facts, made, laps)
+}
+
+fn check_config(cfg: &SandboxConfig) -> Result<(), SandboxError> {
+    if cfg.extra_syscalls.contains(&seccomp::DIE_SYSCALL) {
         return Err(SandboxError::Config(
-            "started as root, the server must switch to a uid and gid other than 0".into(),
+            "socket() cannot be allowed: the sandbox denies it in any case".into(),
         ));
     }
-    // Read before the mount namespace hides /proc.
-    let last_cap = last_capability();
-    let identity_plan = if euid == 0 {
-        plan_identity(cfg.uid, cfg.gid)
-    } else {
-        IdentityPlan::NotRoot
-    };
-    let own_pid = rustix::process::getpid().as_raw_pid().unsigned_abs();
-    // Built before anything is dropped, so a build error leaves the process
-    // untouched.
-    let filters = seccomp::build(cfg.allow_threads, &cfg.extra_syscalls, own_pid)?;
-    laps.lap("checks and BPF build");
+    Ok(())
+}
 
-    // 1. Descriptors.
+/// What the steps need to know from before the namespaces hide `/proc`.
+#[derive(Debug)]
+struct Facts {
+    euid: u32,
+    egid: u32,
+    last_cap: u32,
+    identity_plan: IdentityPlan,
+}
+
+impl Facts {
+    fn read(cfg: &SandboxConfig) -> Result<Facts, SandboxError> {
+        let euid = rustix::process::geteuid().as_raw();
+        let egid = rustix::process::getegid().as_raw();
+        if euid == 0 && (cfg.uid == 0 || cfg.gid == 0) {
+            return Err(SandboxError::Config(
+                "started as root, the server must switch to a uid and gid other than 0".into(),
+            ));
+        }
+        let identity_plan = if euid == 0 {
+            plan_identity(cfg.uid, cfg.gid)
+        } else {
+            IdentityPlan::NotRoot
+        };
+        Ok(Facts {
+            euid,
+            egid,
+            last_cap: last_capability(),
+            identity_plan,
+        })
+    }
+}
+
+/// Steps 1 and 2: every descriptor not kept closed, and the limits that do
+/// not depend on the uid.
+fn close_and_limit(
+    cfg: &SandboxConfig,
+    null: Option<std::fs::File>,
+    laps: &mut Laps,
+) -> Result<(), SandboxError> {
     let mut keep = cfg.keep_fds.clone();
     keep.extend(cfg.log_fd);
     keep.sort_unstable();
     keep.dedup();
-    immount_sys::sandbox::close_fds_except(&keep).map_err(SandboxError::CloseFds)?;
+    match null {
+        Some(null) => immount_sys::sandbox::close_fds_except_using(&keep, null),
+        None => immount_sys::sandbox::close_fds_except(&keep),
+    }
+    .map_err(SandboxError::CloseFds)?;
     laps.lap("close fds");
-
-    // 2. Limits that do not depend on the uid.
-    let mut rlimits = Vec::new();
     set_rlimit("RLIMIT_NOFILE", Resource::Nofile, cfg.max_open_files)?;
-    rlimits.push(("RLIMIT_NOFILE", Some(cfg.max_open_files)));
     set_rlimit("RLIMIT_CORE", Resource::Core, 0)?;
-    rlimits.push(("RLIMIT_CORE", Some(0)));
     if let Some(limit) = cfg.memory_limit {
         set_rlimit("RLIMIT_DATA", Resource::Data, limit)?;
     }
-    rlimits.push(("RLIMIT_DATA", cfg.memory_limit));
-
     laps.lap("limits");
+    Ok(())
+}
 
-    // 3. Namespaces and the empty root.
-    let made = namespaces::enter(euid, egid, &mut laps)?;
+/// Steps 4 to 11, the same whichever way the namespaces were made.
+fn finish(
+    cfg: &SandboxConfig,
+    facts: Facts,
+    made: namespaces::Made,
+    mut laps: Laps,
+) -> Result<SandboxReport, SandboxError> {
+    let Facts {
+        last_cap,
+        identity_plan,
+        ..
+    } = facts;
+    let mut keep = cfg.keep_fds.clone();
+    keep.extend(cfg.log_fd);
+    keep.sort_unstable();
+    keep.dedup();
+    let mut rlimits = vec![
+        ("RLIMIT_NOFILE", Some(cfg.max_open_files)),
+        ("RLIMIT_CORE", Some(0)),
+        ("RLIMIT_DATA", cfg.memory_limit),
+    ];
+    // Built here, in the process that installs it: a rule names its pid.
+    let own_pid = rustix::process::getpid().as_raw_pid().unsigned_abs();
+    let filters = seccomp::build(cfg.allow_threads, &cfg.extra_syscalls, own_pid)?;
+    laps.lap("BPF build");
 
     // 4. Bounding and ambient sets, while CAP_SETPCAP is still held (as
     //    root, or by anyone in the new user namespace).

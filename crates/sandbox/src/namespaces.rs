@@ -74,6 +74,33 @@ pub(crate) fn enter(euid: u32, egid: u32, laps: &mut Laps) -> Result<Made, Sandb
     Ok(made)
 }
 
+/// As root, on a thread of its own (see `crate::prepare_ahead`): the
+/// network, IPC and mount namespaces and the empty root, for this thread
+/// only (unsharing the mount namespace unshares the thread's filesystem
+/// context too, so its root and working directory are its own). `Ok(None)`
+/// when the kernel refuses the namespaces: nothing was changed.
+pub(crate) fn enter_as_root_thread(laps: &mut Laps) -> Result<Option<Made>, SandboxError> {
+    let others = Namespaces {
+        user: false,
+        net: true,
+        mount: true,
+        ipc: true,
+    };
+    if unshare_namespaces(others).is_err() {
+        return Ok(None);
+    }
+    laps.lap("unshare (ahead)");
+    empty_root().map_err(SandboxError::MountNamespace)?;
+    laps.lap("empty root (ahead)");
+    Ok(Some(Made {
+        user: Step::Skipped("not needed: started as root".into()),
+        net: Step::Done,
+        ipc: Step::Done,
+        mount: Step::Done,
+        privileged: true,
+    }))
+}
+
 /// In a fresh user namespace, maps our uid and gid onto themselves (so the
 /// process is not root inside either) and denies setgroups, as the kernel
 /// requires before an unprivileged gid_map.

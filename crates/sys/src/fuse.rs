@@ -291,6 +291,31 @@ pub fn fork_single_threaded() -> io::Result<Option<u32>> {
     }
 }
 
+/// `fork(2)` from a thread while the process's other threads wait for it:
+/// `Ok(None)` in the child, which is a copy of the calling thread alone,
+/// `Ok(Some(pid))` in the parent. The server's pre-confined thread uses it
+/// (see `sandbox::prepare_ahead`): the main thread then sits in a channel
+/// receive, waiting for the pid, and the child runs only its own code and
+/// exits without returning into the thread's caller.
+///
+/// The caller's promise: every other thread is blocked waiting on this
+/// one, outside any lock, and makes no other thread meanwhile.
+pub fn fork_from_waited_thread() -> io::Result<Option<u32>> {
+    // SAFETY: memory is not at stake in fork itself: the child gets a copy
+    // of the address space. What a fork from a threaded process risks is a
+    // lock held by a thread missing in the child; by the caller's promise
+    // the only other threads are blocked waiting on this one, holding no
+    // lock, and glibc's fork takes and reinitialises its own allocator
+    // locks around the call, so the child may allocate and run ordinary
+    // Rust code.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(None),
+        pid => Ok(Some(pid.unsigned_abs())),
+    }
+}
+
 /// Keep glibc's allocator from ever shrinking a thread's arena heap
 /// (`mallopt(M_TRIM_THRESHOLD, INT_MAX)`), before any thread starts. The
 /// first time glibc shrinks one it reads `/proc/sys/vm/overcommit_memory`:

@@ -22,6 +22,18 @@ use std::sync::atomic::{AtomicI32, AtomicI64, Ordering};
 /// does (it runs single-threaded, before serving, with all the descriptors it
 /// will use listed in `keep`).
 pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
+    // The standard streams first, while /dev/null can still be opened.
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    close_fds_except_using(keep, null)
+}
+
+/// [`close_fds_except`] with `/dev/null` opened beforehand, for a process
+/// that can no longer open it (the sandbox prepared ahead: its root is
+/// already empty). `null` is closed too.
+pub fn close_fds_except_using(keep: &[RawFd], null: std::fs::File) -> io::Result<()> {
     let mut keep: Vec<u32> = keep
         .iter()
         .filter_map(|&fd| u32::try_from(fd).ok())
@@ -29,11 +41,6 @@ pub fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
     keep.sort_unstable();
     keep.dedup();
 
-    // The standard streams first, while /dev/null can still be opened.
-    let null = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")?;
     let null_fd = std::os::fd::AsRawFd::as_raw_fd(&null);
     for stdio in 0..3u32 {
         if keep.binary_search(&stdio).is_err() {
