@@ -6,3 +6,4 @@
 pub mod fuse;
 pub mod mountd;
 pub mod sandbox;
+pub mod sha256x2;
