@@ -1,12 +1,14 @@
 //! Micro-benchmark: SHA-256 of 4 KiB blocks with a 32-byte salt in front
 //! (dm-verity's data blocks), the `sha2` crate one block at a time against
-//! `sha256_2x` two blocks at a time, on one core.
+//! `sha256_2x` two blocks at a time (SHA-NI) and `sha256_16x` sixteen at a
+//! time (AVX-512), on one core.
 //!
 //! `cargo run --release -p immount-sys --example sha256x2_bench [MiB]`
 
 use std::hint::black_box;
 use std::time::Instant;
 
+use immount_sys::sha256x16::{sha256_16x, sha256_16x_supported, LANES};
 use immount_sys::sha256x2::{sha256_2x, sha256_2x_supported};
 use sha2::{Digest, Sha256};
 
@@ -26,8 +28,9 @@ fn main() {
     let passes = (mib << 20) / data.len();
     let total = (passes * data.len()) as f64;
     println!(
-        "{mib} MiB of {BLOCK}-byte blocks, 32-byte salt; sha256_2x supported: {}",
-        sha256_2x_supported()
+        "{mib} MiB of {BLOCK}-byte blocks, 32-byte salt; sha256_2x supported: {}, sha256_16x supported: {}",
+        sha256_2x_supported(),
+        sha256_16x_supported()
     );
 
     for round in 0..3 {
@@ -56,11 +59,26 @@ fn main() {
         }
         let two = start.elapsed().as_secs_f64();
         black_box(acc);
+
+        let start = Instant::now();
+        let mut acc = 0u8;
+        for _ in 0..passes {
+            for group in data.chunks_exact(LANES * BLOCK) {
+                let blocks: [&[u8]; LANES] =
+                    core::array::from_fn(|i| black_box(&group[i * BLOCK..(i + 1) * BLOCK]));
+                let d = sha256_16x(&salt, &blocks).unwrap_or_default();
+                acc ^= d[0][0] ^ d[15][0];
+            }
+        }
+        let sixteen = start.elapsed().as_secs_f64();
+        black_box(acc);
         println!(
-            "round {round}: sha2 one at a time {:.2} GB/s, sha256_2x {:.2} GB/s, speed-up {:.2}x",
+            "round {round}: sha2 one at a time {:.2} GB/s, sha256_2x {:.2} GB/s ({:.2}x), sha256_16x {:.2} GB/s ({:.2}x)",
             total / one / 1e9,
             total / two / 1e9,
-            one / two
+            one / two,
+            total / sixteen / 1e9,
+            one / sixteen
         );
     }
 }
