@@ -5,6 +5,7 @@
 //! `2^bits` digests (128 for 4 KiB blocks and sha256), zero padded. The levels
 //! are stored top level first, right after the superblock's hash block.
 
+use immount_sys::sha256x16::{sha256_16x, sha256_16x_supported, LANES};
 use immount_sys::sha256x2::sha256_2x;
 use sha2::{Digest, Sha256};
 
@@ -79,7 +80,10 @@ impl VerityParams {
     ///
     /// Why in batches: one SHA-256 leaves the CPU's hashing units idle
     /// between dependent rounds; several independent blocks hashed
-    /// together fill them (see `immount_sys::sha256x2`). The digests are
+    /// together fill them: sixteen in AVX-512 lanes where the CPU has them
+    /// (`immount_sys::sha256x16`, about 2x one at a time on the development
+    /// machine), the rest two at a time with SHA-NI
+    /// (`immount_sys::sha256x2`, about 1.25x). The digests are
     /// those of the very bytes in `buf`, so a caller that compares them and
     /// then hands out `buf` hands out exactly what was checked. A block
     /// left over by the batches, or a CPU without the extensions, takes
@@ -94,7 +98,32 @@ impl VerityParams {
             return Ok(());
         }
         let mut index = 0;
-        let mut pairs = buf.chunks_exact(2 * block_size);
+        let mut rest = buf;
+        // Sixteen at a time (AVX-512) pays only for whole groups: a group
+        // of sixteen costs about as much as nine blocks two at a time.
+        if buf.len() >= LANES * block_size && sha256_16x_supported() {
+            let mut groups = buf.chunks_exact(LANES * block_size);
+            for group in groups.by_ref() {
+                let blocks: [&[u8]; LANES] =
+                    std::array::from_fn(|l| &group[l * block_size..(l + 1) * block_size]);
+                match sha256_16x(&self.salt, &blocks) {
+                    Some(digests) => {
+                        for digest in &digests {
+                            each(index, digest)?;
+                            index += 1;
+                        }
+                    }
+                    None => {
+                        for block in blocks {
+                            each(index, &self.digest(block))?;
+                            index += 1;
+                        }
+                    }
+                }
+            }
+            rest = groups.remainder();
+        }
+        let mut pairs = rest.chunks_exact(2 * block_size);
         for pair in pairs.by_ref() {
             let (a, b) = pair.split_at(block_size);
             match sha256_2x(&self.salt, a, b) {
