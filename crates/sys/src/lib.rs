@@ -6,3 +6,5 @@
 pub mod fuse;
 pub mod mountd;
 pub mod sandbox;
+pub mod sha256x16;
+pub mod sha256x2;

@@ -5,6 +5,8 @@
 //! `2^bits` digests (128 for 4 KiB blocks and sha256), zero padded. The levels
 //! are stored top level first, right after the superblock's hash block.
 
+use immount_sys::sha256x16::{sha256_16x, sha256_16x_supported, LANES};
+use immount_sys::sha256x2::sha256_2x;
 use sha2::{Digest, Sha256};
 
 use crate::root_hash::DIGEST_SIZE;
@@ -69,6 +71,80 @@ impl VerityParams {
         h.update(&self.salt);
         h.update(block);
         h.finalize().into()
+    }
+
+    /// Hash every whole `block_size` block of `buf` (salt in front, like
+    /// [`VerityParams::digest`]) and hand each digest to `each` with the
+    /// block's index in `buf`, in order; the first error `each` returns
+    /// stops the walk and is returned.
+    ///
+    /// Why in batches: one SHA-256 leaves the CPU's hashing units idle
+    /// between dependent rounds; several independent blocks hashed
+    /// together fill them: sixteen in AVX-512 lanes where the CPU has them
+    /// (`immount_sys::sha256x16`), the rest two at a time with SHA-NI
+    /// (`immount_sys::sha256x2`). On the development machine's Xeon,
+    /// `examples/bench.rs` measured verified 128 KiB reads at 1.7-1.8x
+    /// and a one-thread tree at 1.5-1.7x the speed of one block at a time
+    /// (two at a time alone: 1.25x), so AVX-512's lower clock, if any,
+    /// does not eat the gain there. The digests are
+    /// those of the very bytes in `buf`, so a caller that compares them and
+    /// then hands out `buf` hands out exactly what was checked. A block
+    /// left over by the batches, or a CPU without the extensions, takes
+    /// the one-block path.
+    pub fn digest_each<E>(
+        &self,
+        buf: &[u8],
+        block_size: usize,
+        mut each: impl FnMut(usize, &[u8; DIGEST_SIZE]) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        if block_size == 0 {
+            return Ok(());
+        }
+        let mut index = 0;
+        let mut rest = buf;
+        // Sixteen at a time (AVX-512) pays only for whole groups: a group
+        // of sixteen costs about as much as nine blocks two at a time.
+        if buf.len() >= LANES * block_size && sha256_16x_supported() {
+            let mut groups = buf.chunks_exact(LANES * block_size);
+            for group in groups.by_ref() {
+                let blocks: [&[u8]; LANES] =
+                    std::array::from_fn(|l| &group[l * block_size..(l + 1) * block_size]);
+                match sha256_16x(&self.salt, &blocks) {
+                    Some(digests) => {
+                        for digest in &digests {
+                            each(index, digest)?;
+                            index += 1;
+                        }
+                    }
+                    None => {
+                        for block in blocks {
+                            each(index, &self.digest(block))?;
+                            index += 1;
+                        }
+                    }
+                }
+            }
+            rest = groups.remainder();
+        }
+        let mut pairs = rest.chunks_exact(2 * block_size);
+        for pair in pairs.by_ref() {
+            let (a, b) = pair.split_at(block_size);
+            match sha256_2x(&self.salt, a, b) {
+                Some((da, db)) => {
+                    each(index, &da)?;
+                    each(index + 1, &db)?;
+                }
+                None => {
+                    each(index, &self.digest(a))?;
+                    each(index + 1, &self.digest(b))?;
+                }
+            }
+            index += 2;
+        }
+        if let Some(last) = pairs.remainder().chunks_exact(block_size).next() {
+            each(index, &self.digest(last))?;
+        }
+        Ok(())
     }
 }
 
@@ -249,6 +325,55 @@ mod tests {
         let g = Geometry::new(params(129), 0, false).unwrap();
         assert_eq!(g.levels().len(), 2);
         assert_eq!(g.levels()[0].blocks, 2);
+    }
+
+    /// Batched digests equal one-at-a-time digests, in order, for every
+    /// count around the batch sizes, odd block sizes and salt lengths; a
+    /// trailing partial block is not hashed; an error stops the walk.
+    #[test]
+    fn digest_each_matches_digest() {
+        let data: Vec<u8> = (0..70 * 1024u32)
+            .map(|i| (i * 7 + i / 1000) as u8)
+            .collect();
+        for salt_len in [0, 1, 32, 63, 64, 65, 256] {
+            let params = VerityParams {
+                salt: (0..salt_len).map(|i| i as u8 ^ 0xa5).collect(),
+                ..params(1)
+            };
+            for block_size in [512, 1024, 4096] {
+                for count in (0..=35).chain([48, 64]) {
+                    let len = (count * block_size + block_size / 2).min(data.len());
+                    let buf = &data[..len];
+                    let whole = len / block_size;
+                    let mut seen = Vec::new();
+                    params
+                        .digest_each(buf, block_size, |i, d| {
+                            seen.push((i, *d));
+                            Ok::<(), ()>(())
+                        })
+                        .unwrap();
+                    let expected: Vec<_> = buf
+                        .chunks_exact(block_size)
+                        .map(|b| params.digest(b))
+                        .enumerate()
+                        .collect();
+                    assert_eq!(seen.len(), whole, "salt {salt_len}, {block_size} x {count}");
+                    assert_eq!(seen, expected, "salt {salt_len}, {block_size} x {count}");
+                }
+            }
+        }
+        // Block 5 of 16 fails: nothing after it is looked at.
+        let params = params(1);
+        let mut last = None;
+        let err = params.digest_each(&data[..16 * 4096], 4096, |i, _| {
+            last = Some(i);
+            if i == 5 {
+                Err(i)
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!((err, last), (Err(5), Some(5)));
     }
 
     #[test]

@@ -324,16 +324,17 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
     }
 
     /// Check the whole data blocks in `buf`, read from the block-aligned
-    /// `offset`, against the tree.
+    /// `offset`, against the tree. The blocks are hashed in batches
+    /// ([`crate::VerityParams::digest_each`]) but compared in order, so the
+    /// error names the first block that fails, as one at a time would.
     fn check_blocks(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let params = self.geometry.params();
         let dbs = params.data_block_size as usize;
         let first = offset / dbs as u64;
-        for (i, block) in buf.chunks_exact(dbs).enumerate() {
+        params.digest_each(buf, dbs, |i, digest| {
             let index = first + i as u64;
-            let digest = params.digest(block);
             let ok = if self.geometry.levels().is_empty() {
-                digest == self.root.0
+                *digest == self.root.0
             } else {
                 let (parent, range) = self.geometry.parent_entry(index);
                 match &self.lowest {
@@ -343,20 +344,21 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
                         }
                         // parent < blocks of level 0, so the entry lies
                         // inside the level; get() all the same.
-                        let at = parent as usize * self.geometry.params().hash_block_size as usize;
+                        let at = parent as usize * params.hash_block_size as usize;
                         level.bytes.get(at + range.start..at + range.end) == Some(&digest[..])
                     }
-                    LowestLevel::Lazy(_) => self.hash_block(0, parent)?[range] == digest,
+                    LowestLevel::Lazy(_) => self.hash_block(0, parent)?[range] == digest[..],
                 }
             };
-            if !ok {
-                return Err(invalid(format!(
+            if ok {
+                Ok(())
+            } else {
+                Err(invalid(format!(
                     "verity: data block {index} (offset {}) does not match its hash",
                     index * dbs as u64
-                )));
+                )))
             }
-        }
-        Ok(())
+        })
     }
 }
 
@@ -417,19 +419,21 @@ fn load_tree<H: ReadAt>(hash: &H, geometry: &Geometry, root: &RootHash) -> Resul
     for l in (0..top_level).rev() {
         let parent = level_bytes(l + 1)?;
         let mut bad_here = BTreeMap::new();
-        for (index, block) in level_bytes(l)?.chunks_exact(hbs).enumerate() {
-            let index = index as u64;
-            let (p, range) = geometry.parent_entry(index);
-            if let Some(&why) = bad.get(&p) {
-                bad_here.insert(index, why);
-                continue;
-            }
-            let at = p as usize * hbs;
-            let expected = parent.get(at + range.start..at + range.end);
-            if expected != Some(&params.digest(block)[..]) {
-                bad_here.insert(index, (l, index));
-            }
-        }
+        params
+            .digest_each(level_bytes(l)?, hbs, |index, digest| {
+                let index = index as u64;
+                let (p, range) = geometry.parent_entry(index);
+                if let Some(&why) = bad.get(&p) {
+                    bad_here.insert(index, why);
+                } else {
+                    let at = p as usize * hbs;
+                    if parent.get(at + range.start..at + range.end) != Some(&digest[..]) {
+                        bad_here.insert(index, (l, index));
+                    }
+                }
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .unwrap_or_else(|never| match never {});
         bad = bad_here;
     }
     let start = usize::try_from(lowest.offset - top.offset)

@@ -140,13 +140,16 @@ fn hash_range(
         let offset = block * block_size as u64;
         src.read_exact_at(chunk, offset)
             .map_err(|e| Error::io(format!("reading block {block} at offset {offset}"), e))?;
-        for (i, piece) in chunk.chunks_exact(block_size).enumerate() {
-            let index = block + i as u64 - first_block;
-            let out_block = (index >> bits) as usize;
-            let slot = (index & ((1 << bits) - 1)) as usize;
-            let at = out_block * hbs + slot * DIGEST_SIZE;
-            out[at..at + DIGEST_SIZE].copy_from_slice(&params.digest(piece));
-        }
+        params
+            .digest_each(chunk, block_size, |i, digest| {
+                let index = block + i as u64 - first_block;
+                let out_block = (index >> bits) as usize;
+                let slot = (index & ((1 << bits) - 1)) as usize;
+                let at = out_block * hbs + slot * DIGEST_SIZE;
+                out[at..at + DIGEST_SIZE].copy_from_slice(digest);
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .unwrap_or_else(|never| match never {});
         block += n as u64;
     }
     Ok(())

@@ -1,0 +1,173 @@
+//! `sha256_16x` against the `sha2` crate: every length class around the
+//! 64-byte block and the 9 bytes of padding, prefixes that do and do not
+//! fill whole blocks, sixteen different messages per call, lanes permuted,
+//! and a one-bit change that must move only its own lane.
+
+use immount_sys::sha256x16::{sha256_16x, sha256_16x_supported, LANES};
+use sha2::{Digest, Sha256};
+
+fn reference(prefix: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prefix);
+    h.update(msg);
+    h.finalize().into()
+}
+
+/// Deterministic pseudo-random bytes (xorshift64), different per seed.
+fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Sixteen distinct messages of `len` bytes from `seed`.
+fn messages(seed: u64, len: usize) -> Vec<Vec<u8>> {
+    (0..LANES as u64)
+        .map(|i| bytes(seed * 100 + i + 1, len))
+        .collect()
+}
+
+fn refs(msgs: &[Vec<u8>]) -> [&[u8]; LANES] {
+    core::array::from_fn(|i| msgs[i].as_slice())
+}
+
+/// Hash the sixteen messages and compare each lane; then again with the
+/// lanes reversed and rotated, so a mix-up of lanes cannot pass.
+fn check(prefix: &[u8], msgs: &[Vec<u8>]) {
+    let got =
+        sha256_16x(prefix, &refs(msgs)).expect("this CPU has AVX-512 (checked by the caller)");
+    let expected: Vec<[u8; 32]> = msgs.iter().map(|m| reference(prefix, m)).collect();
+    for (lane, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert_eq!(
+            g,
+            e,
+            "lane {lane}, prefix {} bytes, message {} bytes",
+            prefix.len(),
+            msgs[0].len()
+        );
+    }
+    for order in [
+        (0..LANES).rev().collect::<Vec<_>>(),
+        (0..LANES).map(|i| (i + 5) % LANES).collect(),
+    ] {
+        let permuted: Vec<Vec<u8>> = order.iter().map(|&i| msgs[i].clone()).collect();
+        let got = sha256_16x(prefix, &refs(&permuted)).unwrap();
+        for (lane, &i) in order.iter().enumerate() {
+            assert_eq!(got[lane], expected[i], "lane {lane} holding message {i}");
+        }
+    }
+}
+
+/// Skip (with a note) on CPUs without AVX-512: there the function must say
+/// so rather than hash.
+fn supported_or_none() -> bool {
+    if sha256_16x_supported() {
+        return true;
+    }
+    let msgs = messages(1, 10);
+    assert_eq!(sha256_16x(b"salt", &refs(&msgs)), None);
+    eprintln!("no AVX-512 on this CPU: sha256_16x returns None, nothing else to test");
+    false
+}
+
+const PREFIXES: [usize; 11] = [0, 1, 32, 55, 56, 63, 64, 65, 100, 128, 256];
+
+#[test]
+fn matches_sha2_for_edge_lengths() {
+    if !supported_or_none() {
+        return;
+    }
+    let lengths = [
+        0, 1, 2, 31, 55, 56, 57, 63, 64, 65, 119, 120, 127, 128, 129, 4095, 4096, 4097, 4127,
+    ];
+    for (p, &plen) in PREFIXES.iter().enumerate() {
+        let prefix = bytes(1000 + p as u64, plen);
+        for (i, &len) in lengths.iter().enumerate() {
+            let msgs = messages(i as u64, len);
+            if len > 0 {
+                assert_ne!(msgs[0], msgs[1]);
+            }
+            check(&prefix, &msgs);
+        }
+    }
+}
+
+#[test]
+fn matches_sha2_for_random_lengths() {
+    if !supported_or_none() {
+        return;
+    }
+    let mut x = 0x0123_4567_89ab_cdefu64;
+    for round in 0..120u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let len = (x % (10 * 1024 + 1)) as usize;
+        let plen = ((x >> 32) % 257) as usize;
+        let prefix = bytes(round + 7, plen);
+        check(&prefix, &messages(round + 50, len));
+    }
+}
+
+/// Equal inputs in every lane give equal digests, and a single flipped bit
+/// in one lane changes only that lane's digest.
+#[test]
+fn lanes_are_independent() {
+    if !supported_or_none() {
+        return;
+    }
+    let salt = bytes(5, 32);
+    let a = bytes(6, 4096);
+    let same: Vec<Vec<u8>> = vec![a.clone(); LANES];
+    let base = sha256_16x(&salt, &refs(&same)).unwrap();
+    assert!(base.iter().all(|d| *d == reference(&salt, &a)));
+    for (lane, bit) in [(0, 0usize), (3, 7), (8, 4096 * 8 - 1), (15, 2049 * 8 + 3)] {
+        let mut msgs = same.clone();
+        msgs[lane][bit / 8] ^= 1 << (bit % 8);
+        let got = sha256_16x(&salt, &refs(&msgs)).unwrap();
+        for (other, digest) in got.iter().enumerate() {
+            if other == lane {
+                assert_ne!(*digest, base[0], "bit {bit}: lane {lane} did not change");
+                assert_eq!(*digest, reference(&salt, &msgs[lane]));
+            } else {
+                assert_eq!(
+                    *digest, base[0],
+                    "bit {bit} of lane {lane} changed lane {other}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn unequal_lengths_are_refused() {
+    let mut msgs = messages(3, 4096);
+    msgs[9].pop();
+    assert_eq!(sha256_16x(&[0; 32], &refs(&msgs)), None);
+    let mut msgs = messages(4, 0);
+    msgs[15].push(1);
+    assert_eq!(sha256_16x(b"", &refs(&msgs)), None);
+}
+
+/// The known answer from FIPS 180-2 appendix B.1 ("abc"), split between
+/// prefix and message, so a shared mistake here and in the reference is
+/// caught.
+#[test]
+fn known_answer() {
+    if !supported_or_none() {
+        return;
+    }
+    let expected = [
+        0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae, 0x22,
+        0x23, 0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff, 0x61, 0xf2, 0x00,
+        0x15, 0xad,
+    ];
+    assert_eq!(sha256_16x(b"a", &[b"bc"; LANES]), Some([expected; LANES]));
+    assert_eq!(sha256_16x(b"abc", &[b""; LANES]), Some([expected; LANES]));
+}
