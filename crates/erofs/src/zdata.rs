@@ -7,7 +7,8 @@
 //! reads (and thousands of small files sharing the packed inode's pclusters)
 //! decode nothing again.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use crate::decompress::{
@@ -42,6 +43,17 @@ const EXTENT_PLEN_MASK: u32 = ((PCLUSTER_MAX_SIZE as u32) << 1) - 1;
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 /// How many per-inode compression headers are remembered.
 const ZINFO_CACHE_MAX: usize = 1 << 16;
+/// Evicted decode buffers kept for the next decodes, at most this many...
+const SPARE_BUFFERS: usize = 8;
+/// ...and this many bytes of capacity in all (a hostile image's 12 MiB
+/// extents must not pin much memory beside the cache).
+const SPARE_BYTES: usize = 16 << 20;
+
+thread_local! {
+    /// The stored bytes of the pcluster being decoded: one buffer per
+    /// thread (at most [`PCLUSTER_MAX_SIZE`]), reused by every decode.
+    static RAW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Per-image state of the compressed read path.
 #[derive(Debug, Default)]
@@ -876,8 +888,9 @@ impl Image {
         Ok((base.saturating_add(before), plen))
     }
 
-    /// Decode a whole extent, or take it from the cache.
-    fn decoded(&self, inode: &Inode, ext: &ZExtent) -> Result<Decoded> {
+    /// Decode a whole extent, or take it from the cache, for a read of
+    /// its bytes `[start, end)` (see [`PclusterCache::get`]).
+    fn decoded(&self, inode: &Inode, ext: &ZExtent, start: usize, end: usize) -> Result<Decoded> {
         let ZKind::Pcluster {
             src,
             plen,
@@ -905,22 +918,62 @@ impl Image {
                 0
             },
         };
-        if let Some(hit) = self.z.cache.get(&key) {
+        if let Some(hit) = self.z.cache.get(&key, start, end) {
             return Ok(hit);
         }
-        let mut raw = vec![0u8; plen as usize];
+        // Both buffers come back from earlier decodes and are not zeroed:
+        // the stored bytes are read in whole and every decoder writes all
+        // of `out` or fails (and a failed `out` is never shown to anyone).
+        let mut out = self.z.cache.take_buffer(ext.llen as usize);
+        RAW.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut raw) => self.decode_extent(inode, ext, &mut raw, &mut out),
+            // Only a decode nested in another (a compressed metabox) gets
+            // here; a buffer of its own is just as correct.
+            Err(_) => self.decode_extent(inode, ext, &mut Vec::new(), &mut out),
+        })?;
+        let data: Decoded = Arc::new(out);
+        self.z.cache.put(key, data.clone(), start, end);
+        Ok(data)
+    }
+
+    /// Read the pcluster of `ext` into `raw` and decode it into all of
+    /// `out` (exactly `ext.llen` bytes).
+    fn decode_extent(
+        &self,
+        inode: &Inode,
+        ext: &ZExtent,
+        raw: &mut Vec<u8>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let ZKind::Pcluster {
+            src,
+            plen,
+            format,
+            partial,
+        } = ext.kind
+        else {
+            return Err(zc(inode, "not a pcluster"));
+        };
+        let bs = self.block_size();
+        // Old bytes left in `raw` are overwritten by the exact read below.
+        raw.resize(plen as usize, 0);
+        let raw = &mut raw[..];
         match src {
             Source::Device(pa) => {
                 let (dev, pos) = self.map_device(0, pa)?;
-                self.dev_read(dev, pos, &mut raw)
+                self.dev_read(dev, pos, raw)
                     .map_err(|e| e.with_nid(inode.nid))?;
             }
-            Source::Inline { in_mbox, pos } => self.meta_read(in_mbox, pos, &mut raw)?,
+            Source::Inline { in_mbox, pos } => self.meta_read(in_mbox, pos, raw)?,
         }
-        let llen = ext.llen as usize;
-        let mut out = vec![0u8; llen];
+        let llen = out.len();
         match format {
-            Format::Shifted => out.copy_from_slice(&raw[..llen]),
+            Format::Shifted => {
+                let a = raw
+                    .get(..llen)
+                    .ok_or_else(|| zc(inode, "plain pcluster too short"))?;
+                out.copy_from_slice(a);
+            }
             Format::Interlaced => {
                 if plen > bs {
                     return Err(zc(inode, "interlaced pcluster larger than a block"));
@@ -942,7 +995,7 @@ impl Image {
                     .decompressor
                     .as_ref()
                     .ok_or_else(|| zc(inode, "no decompressor"))?;
-                d.decompress(alg, &raw, &mut out, partial, self.z.zero_padding)
+                d.decompress(alg, raw, out, partial, self.z.zero_padding)
                     .map_err(|e| {
                         let at = match src {
                             Source::Device(pa) => pa,
@@ -956,9 +1009,7 @@ impl Image {
                     })?;
             }
         }
-        let data: Decoded = Arc::new(out);
-        self.z.cache.put(key, data.clone());
-        Ok(data)
+        Ok(())
     }
 
     /// Read from a compressed inode.
@@ -1005,8 +1056,9 @@ impl Image {
                     }
                 }
                 ZKind::Pcluster { .. } => {
-                    let data = self.decoded(inode, &ext)?;
-                    dst.copy_from_slice(&data[skip as usize..skip as usize + n]);
+                    let start = skip as usize;
+                    let data = self.decoded(inode, &ext, start, start + n)?;
+                    dst.copy_from_slice(&data[start..start + n]);
                 }
             }
             done += n;
@@ -1030,18 +1082,117 @@ type Decoded = Arc<Vec<u8>>;
 
 /// Decoded extents, bounded in bytes, least recently used evicted first.
 /// Every operation is O(log n): entries are ordered by their last use.
+///
+/// An extent that reads have consumed from its first byte to its last, in
+/// order, is done: that is how a file is read front to back (by one
+/// reader, or as thousands of small files take their fragments from the
+/// packed inode in turn), and such an extent is rarely wanted again. Done
+/// extents leave the cache as soon as no reader holds them, and their
+/// buffers go to the next decodes. A cold read of a whole image then keeps
+/// a few extents and reuses their memory, instead of filling the whole
+/// budget with memory that is never read twice (and, with the allocator
+/// handing freed memory back to the kernel, taking a page fault for every
+/// page of every extent), and the budget is left to reads that come back:
+/// random access, files read out of order.
 #[derive(Debug, Default)]
 struct PclusterCache {
     budget: usize,
     inner: Mutex<CacheInner>,
 }
 
+/// One cached extent.
+#[derive(Debug)]
+struct Entry {
+    data: Decoded,
+    /// The tick of its last use, its key in `by_use`.
+    last: u64,
+    /// Reads have had `data[..served]`, contiguously from the start.
+    served: usize,
+}
+
+impl Entry {
+    fn is_done(&self) -> bool {
+        self.served >= self.data.len()
+    }
+
+    /// Record a read of `[start, end)`; true when that made the extent
+    /// done (every byte read in one contiguous run from the start).
+    fn serve(&mut self, start: usize, end: usize) -> bool {
+        let was_done = self.is_done();
+        if start <= self.served {
+            self.served = self.served.max(end);
+        }
+        !was_done && self.is_done()
+    }
+}
+
 #[derive(Debug, Default)]
 struct CacheInner {
-    map: HashMap<CacheKey, (Decoded, u64)>,
+    map: HashMap<CacheKey, Entry>,
     by_use: BTreeMap<u64, CacheKey>,
     bytes: usize,
     tick: u64,
+    /// Keys of extents that became done, oldest first (see
+    /// [`PclusterCache`]); at most one per cached extent.
+    done: VecDeque<CacheKey>,
+    /// Buffers of extents that left the cache and that no reader held any
+    /// more, handed to the next decodes.
+    spare: Vec<Vec<u8>>,
+    spare_bytes: usize,
+}
+
+impl CacheInner {
+    fn remove(&mut self, key: &CacheKey) {
+        if let Some(e) = self.map.remove(key) {
+            self.by_use.remove(&e.last);
+            self.bytes -= e.data.len();
+            // A reader still holding the extent frees it later.
+            if let Ok(buf) = Arc::try_unwrap(e.data) {
+                self.recycle(buf);
+            }
+        }
+    }
+
+    /// Remove the done extents that no reader holds any more; those still
+    /// held (a reply being written from them) stay queued.
+    fn drop_done(&mut self) {
+        for _ in 0..self.done.len() {
+            let Some(key) = self.done.pop_front() else {
+                break;
+            };
+            match self.map.get(&key) {
+                Some(e) if e.is_done() && Arc::strong_count(&e.data) > 1 => {
+                    self.done.push_back(key);
+                }
+                Some(e) if e.is_done() => self.remove(&key),
+                // Evicted already, or evicted and decoded again since.
+                _ => {}
+            }
+        }
+    }
+
+    /// Keep `buf` for a later decode if there is room; the smallest
+    /// buffer goes when there is not.
+    fn recycle(&mut self, buf: Vec<u8>) {
+        let cap = buf.capacity();
+        if cap > SPARE_BYTES {
+            return;
+        }
+        self.spare.push(buf);
+        self.spare_bytes += cap;
+        while self.spare.len() > SPARE_BUFFERS || self.spare_bytes > SPARE_BYTES {
+            let Some((i, _)) = self
+                .spare
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, b)| b.capacity())
+            else {
+                break;
+            };
+            let gone = self.spare.swap_remove(i);
+            self.spare_bytes -= gone.capacity();
+        }
+    }
 }
 
 impl PclusterCache {
@@ -1052,39 +1203,78 @@ impl PclusterCache {
         }
     }
 
-    fn get(&self, key: &CacheKey) -> Option<Decoded> {
+    /// The extent under `key`, for a read of its bytes `[start, end)`.
+    fn get(&self, key: &CacheKey, start: usize, end: usize) -> Option<Decoded> {
         let mut g = self.inner.lock().ok()?;
         g.tick += 1;
         let tick = g.tick;
-        let (data, last) = g.map.get_mut(key)?;
-        let old = std::mem::replace(last, tick);
-        let data = data.clone();
+        let e = g.map.get_mut(key)?;
+        let old = std::mem::replace(&mut e.last, tick);
+        let data = e.data.clone();
+        let done = e.serve(start, end);
         g.by_use.remove(&old);
         g.by_use.insert(tick, key.clone());
+        if done {
+            g.done.push_back(key.clone());
+        }
         Some(data)
     }
 
-    fn put(&self, key: CacheKey, data: Decoded) {
+    /// Keep a freshly decoded extent, which a read of its bytes
+    /// `[start, end)` asked for.
+    fn put(&self, key: CacheKey, data: Decoded, start: usize, end: usize) {
         let Ok(mut g) = self.inner.lock() else { return };
-        if data.len() > self.budget {
+        g.remove(&key);
+        let len = data.len();
+        if len > self.budget {
             return;
         }
-        g.tick += 1;
-        let tick = g.tick;
-        let len = data.len();
-        if let Some((old, last)) = g.map.insert(key.clone(), (data, tick)) {
-            g.bytes -= old.len();
-            g.by_use.remove(&last);
+        let mut entry = Entry {
+            data,
+            last: 0,
+            served: 0,
+        };
+        if entry.serve(start, end) {
+            g.done.push_back(key.clone());
         }
-        g.by_use.insert(tick, key);
+        g.tick += 1;
+        entry.last = g.tick;
+        g.by_use.insert(entry.last, key.clone());
+        g.map.insert(key, entry);
         g.bytes += len;
         while g.bytes > self.budget {
             let Some((_, victim)) = g.by_use.pop_first() else {
                 break;
             };
-            if let Some((old, _)) = g.map.remove(&victim) {
-                g.bytes -= old.len();
+            g.remove(&victim);
+        }
+    }
+
+    /// A buffer of exactly `len` bytes for a decode: a spare one when one
+    /// is large enough (the smallest such), else a new one. The bytes of a
+    /// spare buffer are those of an old extent, not zeros: the decode must
+    /// overwrite all of them.
+    fn take_buffer(&self, len: usize) -> Vec<u8> {
+        let spare = self.inner.lock().ok().and_then(|mut g| {
+            g.drop_done();
+            let (i, _) = g
+                .spare
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())?;
+            let buf = g.spare.swap_remove(i);
+            g.spare_bytes -= buf.capacity();
+            Some(buf)
+        });
+        match spare {
+            Some(mut buf) => {
+                // Within capacity: no allocation; only bytes past the old
+                // length are zeroed.
+                buf.resize(len, 0);
+                buf
             }
+            None => vec![0u8; len],
         }
     }
 }
@@ -1103,31 +1293,114 @@ mod tests {
         }
     }
 
+    /// A read of one byte in the middle: never makes an extent done.
+    fn peek(cache: &PclusterCache, n: u64) -> Option<Decoded> {
+        cache.get(&key(n), 500, 501)
+    }
+
+    fn put(cache: &PclusterCache, n: u64, data: Vec<u8>) {
+        cache.put(key(n), Arc::new(data), 500, 501);
+    }
+
     #[test]
     fn cache_stays_within_budget_and_evicts_least_recently_used() {
         let cache = PclusterCache::new(3000);
         for n in 0..3 {
-            cache.put(key(n), Arc::new(vec![n as u8; 1000]));
+            put(&cache, n, vec![n as u8; 1000]);
         }
         // Touch 0, so 1 is now the least recently used.
-        assert_eq!(cache.get(&key(0)).unwrap()[0], 0);
-        cache.put(key(3), Arc::new(vec![3; 1000]));
+        assert_eq!(peek(&cache, 0).unwrap()[0], 0);
+        put(&cache, 3, vec![3; 1000]);
         assert!(
-            cache.get(&key(1)).is_none(),
+            peek(&cache, 1).is_none(),
             "the least recently used entry goes first"
         );
         for n in [0, 2, 3] {
-            assert!(cache.get(&key(n)).is_some(), "entry {n} stays");
+            assert!(peek(&cache, n).is_some(), "entry {n} stays");
         }
         let g = cache.inner.lock().unwrap();
         assert_eq!(g.bytes, 3000);
         assert_eq!(g.map.len(), g.by_use.len());
         drop(g);
         // Something larger than the whole budget is not kept at all.
-        cache.put(key(9), Arc::new(vec![9; 5000]));
-        assert!(cache.get(&key(9)).is_none());
+        put(&cache, 9, vec![9; 5000]);
+        assert!(peek(&cache, 9).is_none());
         // Replacing an entry does not count it twice.
-        cache.put(key(2), Arc::new(vec![2; 500]));
+        put(&cache, 2, vec![2; 500]);
         assert_eq!(cache.inner.lock().unwrap().bytes, 2500);
+    }
+
+    #[test]
+    fn an_extent_read_front_to_back_leaves_once_released() {
+        let cache = PclusterCache::new(1 << 20);
+        let data = Arc::new(vec![7u8; 1000]);
+        let ptr = data.as_ptr();
+        cache.put(key(0), data, 0, 300);
+        drop(cache.get(&key(0), 300, 700).unwrap());
+        // The last read still holds the extent while its reply is written.
+        let last = cache.get(&key(0), 700, 1000).unwrap();
+        assert_eq!(cache.inner.lock().unwrap().done.len(), 1);
+        drop(cache.take_buffer(10));
+        assert!(
+            peek(&cache, 0).is_some(),
+            "a done extent stays while a reader holds it"
+        );
+        drop(last);
+        // The next decode frees it and gets its buffer, without zeroing.
+        let buf = cache.take_buffer(900);
+        assert_eq!(buf.len(), 900);
+        assert_eq!(buf.as_ptr(), ptr, "the done extent's buffer is reused");
+        assert!(peek(&cache, 0).is_none(), "the done extent is gone");
+        let g = cache.inner.lock().unwrap();
+        assert_eq!((g.bytes, g.map.len(), g.by_use.len()), (0, 0, 0));
+        assert!(g.done.is_empty() && g.spare.is_empty());
+    }
+
+    #[test]
+    fn reads_out_of_order_or_with_gaps_keep_an_extent() {
+        let cache = PclusterCache::new(1 << 20);
+        // A gap: [0, 400) then [500, 1000) never covers [400, 500).
+        cache.put(key(0), Arc::new(vec![0; 1000]), 0, 400);
+        cache.get(&key(0), 500, 1000).unwrap();
+        // The end first, then the start.
+        cache.put(key(1), Arc::new(vec![1; 1000]), 600, 1000);
+        cache.get(&key(1), 0, 600).unwrap();
+        drop(cache.take_buffer(1000));
+        assert!(peek(&cache, 0).is_some() && peek(&cache, 1).is_some());
+        // One read of the whole extent makes it done at once.
+        cache.put(key(2), Arc::new(vec![2; 1000]), 0, 1000);
+        drop(cache.take_buffer(1));
+        assert!(peek(&cache, 2).is_none());
+    }
+
+    #[test]
+    fn spare_buffers_are_bounded_and_fit() {
+        let cache = PclusterCache::new(64 << 20);
+        for n in 0..20u64 {
+            cache.put(key(n), Arc::new(vec![0; 1000 + n as usize]), 0, 2000);
+        }
+        drop(cache.take_buffer(5000));
+        let g = cache.inner.lock().unwrap();
+        assert!(g.spare.len() <= SPARE_BUFFERS);
+        assert_eq!(
+            g.spare_bytes,
+            g.spare.iter().map(|b| b.capacity()).sum::<usize>()
+        );
+        assert!(g.map.is_empty() && g.bytes == 0);
+        // The largest buffers are the ones kept.
+        assert!(g.spare.iter().all(|b| b.capacity() >= 1012));
+        drop(g);
+        // The smallest buffer that fits is taken, at the asked length.
+        let b = cache.take_buffer(1013);
+        assert_eq!((b.len(), b.capacity()), (1013, 1013));
+        // None fits: a new one.
+        assert_eq!(cache.take_buffer(50_000).len(), 50_000);
+        // Too large to keep.
+        cache
+            .inner
+            .lock()
+            .unwrap()
+            .recycle(vec![0; SPARE_BYTES + 1]);
+        assert!(cache.inner.lock().unwrap().spare_bytes <= SPARE_BYTES);
     }
 }
