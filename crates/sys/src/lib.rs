@@ -4,5 +4,6 @@
 #![allow(unsafe_code)]
 
 pub mod fuse;
+pub mod microlzma;
 pub mod mountd;
 pub mod sandbox;
