@@ -15,8 +15,6 @@ mod lzma;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
 use crate::format;
 use crate::tree::Data;
@@ -87,6 +85,56 @@ const BATCH: u64 = 64 << 20;
 const EXTENT_MAX: usize = 1 << 20;
 /// Zstandard window: one extent.
 const DICT_SIZE: u32 = EXTENT_MAX as u32;
+
+/// Input handed to the compressing threads and not yet written: room for
+/// the batch being written and the next one.
+const IN_FLIGHT: u64 = 2 * BATCH;
+
+/// Bounds the input in flight between the task producer and the writer.
+#[derive(Debug, Default)]
+struct Window {
+    /// Bytes in flight, and whether the writer has stopped.
+    state: std::sync::Mutex<(u64, bool)>,
+    room: std::sync::Condvar,
+}
+
+impl Window {
+    /// Wait until `n` more bytes fit (or nothing is in flight); `false`
+    /// once the writer has stopped.
+    fn acquire(&self, n: u64) -> bool {
+        let Ok(mut st) = self.state.lock() else {
+            return false;
+        };
+        while !st.1 && st.0 != 0 && st.0 + n > IN_FLIGHT {
+            st = match self.room.wait(st) {
+                Ok(st) => st,
+                Err(_) => return false,
+            };
+        }
+        st.0 += n;
+        !st.1
+    }
+
+    /// `n` bytes were written.
+    fn release(&self, n: u64) {
+        if let Ok(mut st) = self.state.lock() {
+            st.0 = st.0.saturating_sub(n);
+        }
+        self.room.notify_all();
+    }
+}
+
+/// Tells the producer that the writer has stopped, when dropped.
+struct StopOnDrop<'a>(&'a Window);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.state.lock() {
+            st.1 = true;
+        }
+        self.0.room.notify_all();
+    }
+}
 
 /// Compressed file with one 8-byte index per lcluster.
 const LAYOUT_COMPRESSED_FULL: u16 = 1;
@@ -502,8 +550,8 @@ impl State {
         // Extents (len, raw, blocks) of the file being finished, its first
         // block, and whether its data was written already.
         let mut cur: Option<(usize, Vec<ExtentMeta>, u64)> = None;
-        // Batches of work items, compressed on the rayon pool by a producer
-        // thread while this thread writes the previous batch.
+        // Batches of work items, written in turn by this thread while the
+        // rayon pool compresses the items of this and the next batches.
         let mut bounds = Vec::new();
         let mut i = 0;
         while i < items.len() {
@@ -519,28 +567,54 @@ impl State {
         let (opts, level) = (self.opts.clone(), self.level);
         let block_size = self.bs;
         let items = &items;
+        let window = Window::default();
         std::thread::scope(|scope| -> Result<()> {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<Vec<Extent>>>>(1);
-            let producer_bounds = bounds.clone();
+            // Whatever way this thread leaves, the producer stops handing
+            // out work.
+            let _stop = StopOnDrop(&window);
+            let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Vec<Extent>>)>();
+            let (opts, window) = (&opts, &window);
+            // One task per item, in file order, as long as the input in
+            // flight stays under IN_FLIGHT. No batch waits for the previous
+            // one's slowest item, so both cores stay busy to the end.
+            // (In place: this thread, not a pool thread, waits for room;
+            // its tasks queue on the pool in order.)
             scope.spawn(move || {
-                for (i, end) in producer_bounds {
-                    let done: Vec<Result<Vec<Extent>>> = items[i..end]
-                        .par_iter()
-                        .map(|&(j, off, len)| {
-                            let src = read_segment(&jobs[j].1, off, len)?;
-                            let file_end = off + len as u64 == jobs[j].2;
-                            State::compress_segment(&opts, block_size, level, &src, file_end)
-                        })
-                        .collect();
-                    if tx.send(done).is_err() {
-                        break; // the writer stopped on an error
+                rayon::in_place_scope(|pool| {
+                    for (k, &(j, off, len)) in items.iter().enumerate() {
+                        if !window.acquire(len as u64) {
+                            break; // the writer stopped on an error
+                        }
+                        let tx = tx.clone();
+                        pool.spawn(move |_| {
+                            let done = read_segment(&jobs[j].1, off, len).and_then(|src| {
+                                let file_end = off + len as u64 == jobs[j].2;
+                                State::compress_segment(opts, block_size, level, &src, file_end)
+                            });
+                            // Fails only when the writer stopped on an error.
+                            let _ = tx.send((k, done));
+                        });
                     }
-                }
+                });
             });
+            // Items done ahead of the one the writer needs next.
+            let mut early: std::collections::HashMap<usize, Result<Vec<Extent>>> =
+                std::collections::HashMap::new();
             for (i, end) in bounds {
-                let done = rx
-                    .recv()
-                    .map_err(|_| Error::input("the compression thread stopped"))?;
+                let mut done = Vec::with_capacity(end - i);
+                for k in i..end {
+                    let d = loop {
+                        if let Some(d) = early.remove(&k) {
+                            break d;
+                        }
+                        let (at, d) = rx
+                            .recv()
+                            .map_err(|_| Error::input("the compression threads stopped"))?;
+                        early.insert(at, d);
+                    };
+                    done.push(d);
+                }
+                let batch_bytes: u64 = items[i..end].iter().map(|it| it.2 as u64).sum();
                 let mut done = done.into_iter();
                 let mut k = i;
                 while k < end {
@@ -683,6 +757,7 @@ impl State {
                     }
                     k = last_item;
                 }
+                window.release(batch_bytes);
             }
             Ok(())
         })?;
