@@ -4,6 +4,8 @@
 #![allow(unsafe_code)]
 
 pub mod fuse;
+#[cfg(feature = "microlzma")]
+pub mod microlzma;
 pub mod mountd;
 pub mod sandbox;
 pub mod sha256x16;

@@ -1,10 +1,8 @@
 //! Filling a fixed destination size with encoders that only compress whole
-//! inputs (MicroLZMA, DEFLATE, Zstandard): compress a guess, then move the
+//! inputs (DEFLATE, Zstandard): compress a guess, then move the
 //! input length by the observed ratio until the output fills the pcluster
 //! closely. The last ratio seeds the next pcluster's first guess, so most
 //! pclusters take two or three attempts.
-
-use std::io::Write;
 
 use super::Algorithm;
 
@@ -12,7 +10,6 @@ use super::Algorithm;
 pub struct Fitter {
     alg: Algorithm,
     level: i32,
-    dict_size: u32,
     /// Input bytes per output byte seen last time.
     ratio: f64,
     zstd: Option<zstd::bulk::Compressor<'static>>,
@@ -25,8 +22,8 @@ impl std::fmt::Debug for Fitter {
 }
 
 impl Fitter {
-    /// A fitter for `alg` at `level`; `dict_size` bounds LZMA's dictionary
-    /// and Zstandard's window.
+    /// A fitter for `alg` (DEFLATE or Zstandard) at `level`; `dict_size`
+    /// bounds Zstandard's window.
     pub fn new(alg: Algorithm, level: i32, dict_size: u32) -> Fitter {
         let zstd = if alg == Algorithm::Zstd {
             zstd::bulk::Compressor::new(level).ok().map(|mut c| {
@@ -43,7 +40,6 @@ impl Fitter {
         Fitter {
             alg,
             level,
-            dict_size,
             ratio: 3.0,
             zstd,
         }
@@ -63,67 +59,13 @@ impl Fitter {
                 self.level.clamp(0, 10) as u8,
             )),
             Algorithm::Zstd => self.zstd.as_mut()?.compress(src).ok(),
-            Algorithm::Lzma => microlzma(src, self.level, self.dict_size),
-            Algorithm::Lz4 | Algorithm::Lz4hc => None,
+            Algorithm::Lz4 | Algorithm::Lz4hc | Algorithm::Lzma => None,
         }
     }
 
     /// Compress a prefix of `src` into at most `cap` bytes: (consumed,
     /// block), or `None` when not even a small prefix fits.
     pub fn fit(&mut self, src: &[u8], cap: usize) -> Option<(usize, Vec<u8>)> {
-        if self.alg == Algorithm::Lzma {
-            if let Some(done) = self.fit_lzma_streaming(src, cap) {
-                return Some(done);
-            }
-        }
-        self.fit_by_guesses(src, cap)
-    }
-
-    /// LZMA in one pass, as MicroLZMA's own encoder does: feed the input in
-    /// small steps while watching the output grow, and finish the stream
-    /// once the output plus what the encoder still holds back (its
-    /// lookahead, at the ratio seen so far) would fill `cap`. `None` when
-    /// the finished stream came out too large after all (then the
-    /// guessing loop takes over, seeded with what was learned).
-    fn fit_lzma_streaming(&mut self, src: &[u8], cap: usize) -> Option<(usize, Vec<u8>)> {
-        // Input bytes fed per step, and input the encoder may hold back
-        // unencoded (its longest match plus one step).
-        const STEP: usize = 128;
-        const HELD_BACK: f64 = (273 + STEP) as f64;
-        let mut w = lzma_writer(src.len(), self.level, self.dict_size, cap)?;
-        let mut fed = 0usize;
-        while fed < src.len() {
-            let produced = w.inner().len();
-            // Bytes in per byte out so far; before any output, assume the
-            // held-back input will not compress.
-            let ratio = if produced > 64 {
-                (fed as f64 / produced as f64).max(0.25)
-            } else {
-                1.0
-            };
-            let reserve = (HELD_BACK / ratio * 1.25) as usize + 16;
-            if produced + reserve >= cap {
-                break;
-            }
-            let n = STEP.min(src.len() - fed);
-            w.write_all(&src[fed..fed + n]).ok()?;
-            fed += n;
-        }
-        let props = w.props();
-        let mut out = w.finish().ok()?;
-        if fed == 0 || out.first() != Some(&0) {
-            return None;
-        }
-        self.ratio = fed as f64 / out.len().max(1) as f64;
-        if out.len() > cap {
-            return None;
-        }
-        out[0] = !props;
-        Some((fed, out))
-    }
-
-    /// Compress guessed prefixes until one fills `cap` closely.
-    fn fit_by_guesses(&mut self, src: &[u8], cap: usize) -> Option<(usize, Vec<u8>)> {
         let mut best: Option<(usize, Vec<u8>)> = None;
         let mut too_big = src.len() + 1; // smallest length known not to fit
         let mut m = ((cap as f64 * self.ratio) as usize).clamp(cap.min(src.len()), src.len());
@@ -158,39 +100,4 @@ impl Fitter {
         }
         best
     }
-}
-
-/// A raw LZMA1 encoder (no header, no end marker) for up to `input` bytes,
-/// its output buffer sized for `expect` bytes.
-fn lzma_writer(
-    input: usize,
-    level: i32,
-    dict_size: u32,
-    expect: usize,
-) -> Option<lzma_rust2::LzmaWriter<Vec<u8>>> {
-    let mut opts = lzma_rust2::LzmaOptions::with_preset(level.clamp(0, 9) as u32);
-    // A dictionary larger than the input finds nothing more, and the match
-    // finder's tables (allocated and cleared for every stream) grow with
-    // it: size it to the input.
-    let fits_input = u32::try_from(input)
-        .unwrap_or(u32::MAX)
-        .checked_next_power_of_two()
-        .unwrap_or(u32::MAX);
-    opts.dict_size = fits_input.min(dict_size).max(4096);
-    lzma_rust2::LzmaWriter::new_no_header(Vec::with_capacity(expect + 64), &opts, false).ok()
-}
-
-/// MicroLZMA as EROFS stores it: a raw LZMA1 stream without header or end
-/// marker whose first byte (always 0 from the range encoder) is replaced by
-/// the bitwise NOT of the properties byte.
-fn microlzma(src: &[u8], level: i32, dict_size: u32) -> Option<Vec<u8>> {
-    let mut w = lzma_writer(src.len(), level, dict_size, src.len() / 2)?;
-    w.write_all(src).ok()?;
-    let props = w.props();
-    let mut out = w.finish().ok()?;
-    if out.first() != Some(&0) {
-        return None;
-    }
-    out[0] = !props;
-    Some(out)
 }

@@ -10,11 +10,10 @@
 
 pub mod fit;
 pub mod lz4;
+mod lzma;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::format;
@@ -51,7 +50,7 @@ impl Algorithm {
         match self {
             Algorithm::Lz4 => 1,
             Algorithm::Lz4hc => 9,
-            Algorithm::Lzma => 6,
+            Algorithm::Lzma => lzma::DEFAULT_LEVEL,
             Algorithm::Deflate => 1,
             Algorithm::Zstd => 3,
         }
@@ -84,8 +83,58 @@ const SEGMENT: u64 = 4 << 20;
 const BATCH: u64 = 64 << 20;
 /// Most input one extent covers.
 const EXTENT_MAX: usize = 1 << 20;
-/// LZMA dictionary and Zstandard window: one extent.
+/// Zstandard window: one extent.
 const DICT_SIZE: u32 = EXTENT_MAX as u32;
+
+/// Input handed to the compressing threads and not yet written: room for
+/// the batch being written and the next one.
+const IN_FLIGHT: u64 = 2 * BATCH;
+
+/// Bounds the input in flight between the task producer and the writer.
+#[derive(Debug, Default)]
+struct Window {
+    /// Bytes in flight, and whether the writer has stopped.
+    state: std::sync::Mutex<(u64, bool)>,
+    room: std::sync::Condvar,
+}
+
+impl Window {
+    /// Wait until `n` more bytes fit (or nothing is in flight); `false`
+    /// once the writer has stopped.
+    fn acquire(&self, n: u64) -> bool {
+        let Ok(mut st) = self.state.lock() else {
+            return false;
+        };
+        while !st.1 && st.0 != 0 && st.0 + n > IN_FLIGHT {
+            st = match self.room.wait(st) {
+                Ok(st) => st,
+                Err(_) => return false,
+            };
+        }
+        st.0 += n;
+        !st.1
+    }
+
+    /// `n` bytes were written.
+    fn release(&self, n: u64) {
+        if let Ok(mut st) = self.state.lock() {
+            st.0 = st.0.saturating_sub(n);
+        }
+        self.room.notify_all();
+    }
+}
+
+/// Tells the producer that the writer has stopped, when dropped.
+struct StopOnDrop<'a>(&'a Window);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.state.lock() {
+            st.1 = true;
+        }
+        self.0.room.notify_all();
+    }
+}
 
 /// Compressed file with one 8-byte index per lcluster.
 const LAYOUT_COMPRESSED_FULL: u16 = 1;
@@ -170,6 +219,11 @@ fn check(c: &CompressOptions, bs: u32) -> Result<()> {
             c.pcluster_size
         )));
     }
+    if let (Algorithm::Lzma, Some(level)) = (c.algorithm, c.level) {
+        if lzma::preset(level).is_none() {
+            return Err(lzma::bad_level(level));
+        }
+    }
     Ok(())
 }
 
@@ -193,7 +247,7 @@ pub(crate) fn config_records(c: &CompressOptions, bs: u32) -> Result<Vec<u8>> {
         }
         Algorithm::Lzma => {
             out.extend_from_slice(&14u16.to_le_bytes());
-            out.extend_from_slice(&DICT_SIZE.to_le_bytes());
+            out.extend_from_slice(&lzma::dict_size(c.pcluster_size).to_le_bytes());
             out.extend_from_slice(&0u16.to_le_bytes());
             out.extend_from_slice(&[0u8; 8]);
         }
@@ -218,20 +272,29 @@ enum Encoder {
     /// liblz4's HC encoder at this level, which fills a destination in one
     /// pass (what mkfs.erofs uses: same ratio at less CPU than ours).
     Lz4hc(i32, Vec<u8>),
+    /// liblzma's MicroLZMA encoder, which also fills a destination in one
+    /// pass (what mkfs.erofs uses).
+    Lzma(lzma::LzmaEncoder),
+    /// DEFLATE and Zstandard, which compress whole inputs only.
     Fit(fit::Fitter),
 }
 
 impl Encoder {
-    fn new(alg: Algorithm, level: i32) -> Encoder {
-        match alg {
+    fn new(alg: Algorithm, level: i32, pcluster_size: u32) -> Result<Encoder> {
+        Ok(match alg {
             Algorithm::Lz4 => Encoder::Lz4(lz4::Lz4Encoder::new(1)),
             Algorithm::Lz4hc => Encoder::Lz4hc(level.clamp(2, 12), Vec::new()),
-            _ => Encoder::Fit(fit::Fitter::new(alg, level, DICT_SIZE)),
-        }
+            Algorithm::Lzma => Encoder::Lzma(lzma::LzmaEncoder::new(level, pcluster_size)?),
+            Algorithm::Deflate | Algorithm::Zstd => {
+                Encoder::Fit(fit::Fitter::new(alg, level, DICT_SIZE))
+            }
+        })
     }
 
-    fn fill(&mut self, src: &[u8], cap: usize) -> Option<(usize, Vec<u8>)> {
-        match self {
+    /// The longest prefix of `src` that compresses into at most `cap`
+    /// bytes: (consumed, compressed), or `None` when nothing fits.
+    fn fill(&mut self, src: &[u8], cap: usize) -> Result<Option<(usize, Vec<u8>)>> {
+        Ok(match self {
             Encoder::Lz4(e) => {
                 let (n, out) = e.compress_dest(src, cap);
                 (n > 0).then_some((n, out))
@@ -243,32 +306,39 @@ impl Encoder {
                     _ => None,
                 }
             }
+            Encoder::Lzma(e) => e.fill(src, cap)?,
             Encoder::Fit(f) => f.fit(src, cap),
-        }
+        })
     }
 }
 
+/// What a thread's encoder was made for: algorithm, level, pcluster size.
+type EncoderKey = (Algorithm, i32, u32);
+
 thread_local! {
-    static ENCODER: std::cell::RefCell<Option<(Algorithm, i32, Encoder)>> =
+    /// This thread's encoder, reused while its key stays the same.
+    static ENCODER: std::cell::RefCell<Option<(EncoderKey, Encoder)>> =
         const { std::cell::RefCell::new(None) };
 }
 
 /// For tail packing: re-cut a last extent of several blocks into one
 /// that fills a block less and a tail of under a block, which can then go
 /// inline after the inode. Leaves `out` alone when that does not work out.
-fn split_tail(enc: &mut Encoder, out: &mut Vec<Extent>, src: &[u8], bs: usize) {
-    let Some(last) = out.last() else { return };
+fn split_tail(enc: &mut Encoder, out: &mut Vec<Extent>, src: &[u8], bs: usize) -> Result<()> {
+    let Some(last) = out.last() else {
+        return Ok(());
+    };
     let blocks = last.data.len() / bs;
     if last.raw || blocks < 2 {
-        return;
+        return Ok(());
     }
     let len = last.len as usize;
     let start = src.len() - len;
-    let Some((n1, c1)) = enc.fill(&src[start..], (blocks - 1) * bs) else {
-        return;
+    let Some((n1, c1)) = enc.fill(&src[start..], (blocks - 1) * bs)? else {
+        return Ok(());
     };
     if n1 >= len || c1.len().div_ceil(bs) >= n1.div_ceil(bs) || c1.first() == Some(&0) {
-        return;
+        return Ok(());
     }
     let rest = &src[start + n1..];
     // The tail must reach into the next lcluster: older kernels and
@@ -276,9 +346,9 @@ fn split_tail(enc: &mut Encoder, out: &mut Vec<Extent>, src: &[u8], bs: usize) {
     // one lcluster after another extent's end. (Segments start on block
     // boundaries, so offsets in `src` have the file's block alignment.)
     if (start + n1) % bs + rest.len() < bs {
-        return;
+        return Ok(());
     }
-    let second = match enc.fill(rest, bs - 1) {
+    let second = match enc.fill(rest, bs - 1)? {
         Some((n2, c2)) if n2 == rest.len() && c2.len() < rest.len() && c2.first() != Some(&0) => {
             let mut data = vec![0u8; bs - c2.len()];
             data.extend_from_slice(&c2);
@@ -299,7 +369,7 @@ fn split_tail(enc: &mut Encoder, out: &mut Vec<Extent>, src: &[u8], bs: usize) {
                 data,
             }
         }
-        _ => return,
+        _ => return Ok(()),
     };
     let mut data = vec![0u8; c1.len().div_ceil(bs) * bs - c1.len()];
     data.extend_from_slice(&c1);
@@ -311,6 +381,7 @@ fn split_tail(enc: &mut Encoder, out: &mut Vec<Extent>, src: &[u8], bs: usize) {
         data,
     });
     out.push(second);
+    Ok(())
 }
 
 /// Read `len` bytes at `offset` of a file's data.
@@ -382,17 +453,17 @@ impl State {
         level: i32,
         src: &[u8],
         file_end: bool,
-    ) -> Vec<Extent> {
+    ) -> Result<Vec<Extent>> {
         let bs = bs as usize;
         let cap = opts.pcluster_size as usize;
-        let alg = opts.algorithm;
+        let key = (opts.algorithm, level, opts.pcluster_size);
         ENCODER.with(|cell| {
             let mut slot = cell.borrow_mut();
-            if !matches!(&*slot, Some((a, l, _)) if *a == alg && *l == level) {
-                *slot = Some((alg, level, Encoder::new(alg, level)));
+            if !matches!(&*slot, Some((k, _)) if *k == key) {
+                *slot = Some((key, Encoder::new(key.0, level, key.2)?));
             }
-            let Some((_, _, enc)) = slot.as_mut() else {
-                return Vec::new();
+            let Some((_, enc)) = slot.as_mut() else {
+                return Ok(Vec::new());
             };
             if let Encoder::Fit(f) = enc {
                 f.reset();
@@ -401,7 +472,7 @@ impl State {
             let mut pos = 0usize;
             while pos < src.len() {
                 let rest = &src[pos..src.len().min(pos + EXTENT_MAX)];
-                let attempt = enc.fill(rest, cap);
+                let attempt = enc.fill(rest, cap)?;
                 let tried = attempt.as_ref().map(|a| a.0).unwrap_or(0);
                 let fitted = attempt.filter(|(n, c)| {
                     // Worth it only when a block is saved; a leading zero
@@ -444,9 +515,9 @@ impl State {
                 }
             }
             if file_end && opts.ztailpacking && !opts.fragments {
-                split_tail(enc, &mut out, src, bs);
+                split_tail(enc, &mut out, src, bs)?;
             }
-            out
+            Ok(out)
         })
     }
 
@@ -479,8 +550,8 @@ impl State {
         // Extents (len, raw, blocks) of the file being finished, its first
         // block, and whether its data was written already.
         let mut cur: Option<(usize, Vec<ExtentMeta>, u64)> = None;
-        // Batches of work items, compressed on the rayon pool by a producer
-        // thread while this thread writes the previous batch.
+        // Batches of work items, written in turn by this thread while the
+        // rayon pool compresses the items of this and the next batches.
         let mut bounds = Vec::new();
         let mut i = 0;
         while i < items.len() {
@@ -496,30 +567,54 @@ impl State {
         let (opts, level) = (self.opts.clone(), self.level);
         let block_size = self.bs;
         let items = &items;
+        let window = Window::default();
         std::thread::scope(|scope| -> Result<()> {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Result<Vec<Extent>>>>(1);
-            let producer_bounds = bounds.clone();
+            // Whatever way this thread leaves, the producer stops handing
+            // out work.
+            let _stop = StopOnDrop(&window);
+            let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<Vec<Extent>>)>();
+            let (opts, window) = (&opts, &window);
+            // One task per item, in file order, as long as the input in
+            // flight stays under IN_FLIGHT. No batch waits for the previous
+            // one's slowest item, so both cores stay busy to the end.
+            // (In place: this thread, not a pool thread, waits for room;
+            // its tasks queue on the pool in order.)
             scope.spawn(move || {
-                for (i, end) in producer_bounds {
-                    let done: Vec<Result<Vec<Extent>>> = items[i..end]
-                        .par_iter()
-                        .map(|&(j, off, len)| {
-                            let src = read_segment(&jobs[j].1, off, len)?;
-                            let file_end = off + len as u64 == jobs[j].2;
-                            Ok(State::compress_segment(
-                                &opts, block_size, level, &src, file_end,
-                            ))
-                        })
-                        .collect();
-                    if tx.send(done).is_err() {
-                        break; // the writer stopped on an error
+                rayon::in_place_scope(|pool| {
+                    for (k, &(j, off, len)) in items.iter().enumerate() {
+                        if !window.acquire(len as u64) {
+                            break; // the writer stopped on an error
+                        }
+                        let tx = tx.clone();
+                        pool.spawn(move |_| {
+                            let done = read_segment(&jobs[j].1, off, len).and_then(|src| {
+                                let file_end = off + len as u64 == jobs[j].2;
+                                State::compress_segment(opts, block_size, level, &src, file_end)
+                            });
+                            // Fails only when the writer stopped on an error.
+                            let _ = tx.send((k, done));
+                        });
                     }
-                }
+                });
             });
+            // Items done ahead of the one the writer needs next.
+            let mut early: std::collections::HashMap<usize, Result<Vec<Extent>>> =
+                std::collections::HashMap::new();
             for (i, end) in bounds {
-                let done = rx
-                    .recv()
-                    .map_err(|_| Error::input("the compression thread stopped"))?;
+                let mut done = Vec::with_capacity(end - i);
+                for k in i..end {
+                    let d = loop {
+                        if let Some(d) = early.remove(&k) {
+                            break d;
+                        }
+                        let (at, d) = rx
+                            .recv()
+                            .map_err(|_| Error::input("the compression threads stopped"))?;
+                        early.insert(at, d);
+                    };
+                    done.push(d);
+                }
+                let batch_bytes: u64 = items[i..end].iter().map(|it| it.2 as u64).sum();
                 let mut done = done.into_iter();
                 let mut k = i;
                 while k < end {
@@ -662,6 +757,7 @@ impl State {
                     }
                     k = last_item;
                 }
+                window.release(batch_bytes);
             }
             Ok(())
         })?;
