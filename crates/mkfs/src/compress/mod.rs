@@ -9,7 +9,7 @@
 //! lengths stay in memory until the file's indexes are encoded.
 
 pub mod fit;
-pub mod lz4;
+
 mod lzma;
 
 use std::fs::File;
@@ -268,7 +268,9 @@ pub(crate) fn config_records(c: &CompressOptions, bs: u32) -> Result<Vec<u8>> {
 
 /// Per-thread encoders.
 enum Encoder {
-    Lz4(lz4::Lz4Encoder),
+    /// liblz4's fast encoder, which fills a destination in one pass
+    /// (`LZ4_compress_destSize`, what mkfs.erofs uses).
+    Lz4(Vec<u8>),
     /// liblz4's HC encoder at this level, which fills a destination in one
     /// pass (what mkfs.erofs uses: same ratio at less CPU than ours).
     Lz4hc(i32, Vec<u8>),
@@ -282,7 +284,7 @@ enum Encoder {
 impl Encoder {
     fn new(alg: Algorithm, level: i32, pcluster_size: u32) -> Result<Encoder> {
         Ok(match alg {
-            Algorithm::Lz4 => Encoder::Lz4(lz4::Lz4Encoder::new(1)),
+            Algorithm::Lz4 => Encoder::Lz4(Vec::new()),
             Algorithm::Lz4hc => Encoder::Lz4hc(level.clamp(2, 12), Vec::new()),
             Algorithm::Lzma => Encoder::Lzma(lzma::LzmaEncoder::new(level, pcluster_size)?),
             Algorithm::Deflate | Algorithm::Zstd => {
@@ -295,9 +297,12 @@ impl Encoder {
     /// bytes: (consumed, compressed), or `None` when nothing fits.
     fn fill(&mut self, src: &[u8], cap: usize) -> Result<Option<(usize, Vec<u8>)>> {
         Ok(match self {
-            Encoder::Lz4(e) => {
-                let (n, out) = e.compress_dest(src, cap);
-                (n > 0).then_some((n, out))
+            Encoder::Lz4(buf) => {
+                buf.resize(cap, 0);
+                match lzzzz::lz4::compress_fill(src, &mut buf[..cap]) {
+                    Ok((n, w)) if n > 0 => Some((n, buf[..w].to_vec())),
+                    _ => None,
+                }
             }
             Encoder::Lz4hc(level, buf) => {
                 buf.resize(cap, 0);
