@@ -27,7 +27,8 @@ pub struct BuildArgs {
     /// Read the image of an OCI image layout directory.
     #[arg(long, value_name = "DIR")]
     pub oci: Option<PathBuf>,
-    /// Compress: lz4, lz4hc, lzma, deflate or zstd, optionally ",level=N".
+    /// Compress: lz4, lz4hc, lzma, deflate or zstd, optionally ",level=N"
+    /// (as mkfs.erofs: lzma 0-9, or 100-109 for the slower "extreme" presets).
     #[arg(short = 'z', value_name = "ALG[,level=N]")]
     pub compress: Option<String>,
     /// Largest physical cluster in bytes (a multiple of the block size).
