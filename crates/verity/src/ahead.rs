@@ -21,7 +21,7 @@
 //! that serves reads: the FUSE server forks and confines itself after
 //! opening the image, and a fork keeps only the calling thread.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -30,6 +30,11 @@ use std::thread::JoinHandle;
 pub const WINDOW: u64 = 1 << 20;
 /// The most verified bytes held at once; the oldest chunk goes first.
 pub const STORE_BYTES: usize = 4 << 20;
+/// The most bytes held in leftover blocks (see [`State::leftovers`]).
+pub const LEFTOVER_BYTES: usize = 4 << 20;
+/// The shortest read that moves the window when the store served it (the
+/// image file's own test for file data).
+const MIN_DATA_READ: usize = 512;
 /// Data blocks per chunk the worker reads and verifies in one go (256 KiB
 /// with 4 KiB blocks). At most 64, so a chunk's served blocks fit a `u64`.
 pub const CHUNK_BLOCKS: u64 = 64;
@@ -71,6 +76,15 @@ struct State {
     chunks: BTreeMap<u64, Chunk>,
     /// Sum of the chunks' lengths, at most [`STORE_BYTES`].
     bytes: usize,
+    /// Blocks of chunks that left the store before a read took them, by
+    /// data offset, oldest first in `leftover_order`. Mostly metadata:
+    /// images interleave inodes with file data, and the worker's reads,
+    /// marked as data, drop every page they read from the page cache, so
+    /// an inode read after the worker passed would go to the disk.
+    leftovers: HashMap<u64, Box<[u8]>>,
+    leftover_order: VecDeque<u64>,
+    /// At most [`LEFTOVER_BYTES`].
+    leftover_bytes: usize,
     seq: u64,
     /// The end of the latest read that asked for hash-ahead, not yet seen
     /// by the worker.
@@ -130,21 +144,28 @@ impl Ahead {
         }
     }
 
-    /// Serve a read of whole blocks (`buf` from the block-aligned `offset`,
-    /// inside the data area): its first blocks from the store where they
-    /// are, the rest through `read` (the ordinary verified path).
+    /// Serve a read (`buf` from `offset`, inside the data area): its first
+    /// bytes from the store where they are, the rest through `read` (the
+    /// ordinary verified path).
     pub(crate) fn read(
         &self,
         buf: &mut [u8],
         offset: u64,
         read: impl FnOnce(&mut [u8], u64) -> io::Result<()>,
     ) -> io::Result<()> {
-        let served = self.take(buf, offset);
-        let end = offset + buf.len() as u64;
-        // A read of one block alone is as likely a directory block as file
-        // data: only longer reads, or reads the store served (a sequence
-        // going on), move the window.
-        if served > 0 || buf.len() as u64 >= 2 * self.dbs {
+        let (served, from_chunks) = self.take(buf, offset);
+        // The next read of a sequence starts at the next block at the
+        // latest (files' blocks are aligned), and the window is made of
+        // whole blocks.
+        let end = (offset + buf.len() as u64).next_multiple_of(self.dbs);
+        // Only reads that look like file data move the window: from a
+        // block boundary, and either longer than a block or a sequence
+        // going on (served from chunks). A read of one block or less is as
+        // likely metadata, and a jump there to verify what follows would
+        // read again the data verified and dropped from the page cache.
+        let long = buf.len() as u64 >= 2 * self.dbs;
+        let going_on = from_chunks && buf.len() >= MIN_DATA_READ;
+        if offset.is_multiple_of(self.dbs) && (long || going_on) {
             self.want(end);
         }
         let rest = &mut buf[served..];
@@ -154,9 +175,11 @@ impl Ahead {
         read(rest, offset + served as u64)
     }
 
-    /// Copy the leading blocks of the read from stored chunks, waiting for
-    /// a chunk the worker is verifying now; returns the bytes copied.
-    fn take(&self, buf: &mut [u8], offset: u64) -> usize {
+    /// Copy the leading bytes of the read from stored chunks and leftover
+    /// blocks, waiting for a chunk the worker is verifying now; returns the
+    /// bytes copied and whether any came from a chunk.
+    fn take(&self, buf: &mut [u8], offset: u64) -> (usize, bool) {
+        let mut from_chunks = false;
         let end = offset + buf.len() as u64;
         let mut at = offset;
         let mut state = self.shared.lock();
@@ -178,7 +201,11 @@ impl Ahead {
                 let (from, to) = ((at - start) as usize, (stop - start) as usize);
                 let dst = (at - offset) as usize;
                 buf[dst..dst + (to - from)].copy_from_slice(&chunk.bytes[from..to]);
-                let (first, last) = (from as u64 / self.dbs, to as u64 / self.dbs);
+                // A block counts as served when a read took all of it: one
+                // read in part (an inode among file data) may be read again,
+                // and goes to the leftovers when the chunk leaves.
+                let first = (from as u64).div_ceil(self.dbs);
+                let last = to as u64 / self.dbs;
                 for b in first..last {
                     chunk.served |= 1 << b;
                 }
@@ -187,6 +214,13 @@ impl Ahead {
                     state.chunks.remove(&start);
                 }
                 at = stop;
+                from_chunks = true;
+            } else if let Some(block) = state.leftovers.get(&(at - at % self.dbs)) {
+                let from = (at % self.dbs) as usize;
+                let n = (block.len() - from).min((end - at) as usize);
+                let dst = (at - offset) as usize;
+                buf[dst..dst + n].copy_from_slice(&block[from..from + n]);
+                at += n as u64;
             } else if matches!(state.in_flight, Some((s, e)) if s <= at && at < e) {
                 state = self
                     .shared
@@ -197,7 +231,7 @@ impl Ahead {
                 break;
             }
         }
-        (at - offset) as usize
+        ((at - offset) as usize, from_chunks)
     }
 
     /// Ask the worker to verify the window after `end`, starting it first
@@ -238,6 +272,11 @@ impl Ahead {
         debug_assert_eq!(
             state.bytes,
             state.chunks.values().map(|c| c.bytes.len()).sum::<usize>()
+        );
+        assert!(state.leftover_bytes <= LEFTOVER_BYTES);
+        debug_assert_eq!(
+            state.leftover_bytes,
+            state.leftovers.values().map(|b| b.len()).sum::<usize>()
         );
         state.bytes
     }
@@ -330,7 +369,7 @@ impl Worker {
             state = self.shared.lock();
             state.in_flight = None;
             if verified {
-                store(&mut state, start, bytes);
+                store(&mut state, start, bytes, self.dbs);
             }
             // A failed chunk is skipped: the read that needs it reports the
             // error on the ordinary path.
@@ -342,17 +381,19 @@ impl Worker {
 
 /// Insert a verified chunk, evicting the oldest to stay within
 /// [`STORE_BYTES`].
-fn store(state: &mut State, start: u64, bytes: Box<[u8]>) {
+fn store(state: &mut State, start: u64, bytes: Box<[u8]>, dbs: u64) {
     while state.bytes + bytes.len() > STORE_BYTES {
         let oldest = state
             .chunks
             .iter()
             .min_by_key(|(_, c)| c.seq)
             .map(|(&s, _)| s);
-        let Some(oldest) = oldest.and_then(|s| state.chunks.remove(&s)) else {
+        let Some((at, oldest)) = oldest.and_then(|s| state.chunks.remove(&s).map(|c| (s, c)))
+        else {
             break;
         };
         state.bytes -= oldest.bytes.len();
+        retire(state, at, &oldest, dbs);
     }
     state.seq += 1;
     state.bytes += bytes.len();
@@ -363,5 +404,27 @@ fn store(state: &mut State, start: u64, bytes: Box<[u8]>) {
     };
     if let Some(old) = state.chunks.insert(start, chunk) {
         state.bytes -= old.bytes.len();
+    }
+}
+
+/// Keep the blocks of a chunk leaving the store that no read took, within
+/// [`LEFTOVER_BYTES`], the oldest going first.
+fn retire(state: &mut State, start: u64, chunk: &Chunk, dbs: u64) {
+    for (i, block) in chunk.bytes.chunks(dbs as usize).enumerate() {
+        let at = start + i as u64 * dbs;
+        if chunk.served & (1 << i) != 0 || state.leftovers.contains_key(&at) {
+            continue;
+        }
+        state.leftover_bytes += block.len();
+        state.leftovers.insert(at, block.into());
+        state.leftover_order.push_back(at);
+        while state.leftover_bytes > LEFTOVER_BYTES {
+            let Some(old) = state.leftover_order.pop_front() else {
+                break;
+            };
+            if let Some(b) = state.leftovers.remove(&old) {
+                state.leftover_bytes -= b.len();
+            }
+        }
     }
 }
