@@ -35,6 +35,9 @@ pub const LEFTOVER_BYTES: usize = 4 << 20;
 /// The shortest read that moves the window when the store served it (the
 /// image file's own test for file data).
 const MIN_DATA_READ: usize = 512;
+/// How long a read waits for the chunk the worker is verifying before it
+/// reads the bytes itself: far longer than a chunk takes from disk.
+const IN_FLIGHT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 /// Data blocks per chunk the worker reads and verifies in one go (64 KiB
 /// with 4 KiB blocks): sixteen blocks are what the hashing does at once,
 /// and a read that finds its bytes being verified waits for one small
@@ -227,11 +230,17 @@ impl Ahead {
                 buf[dst..dst + n].copy_from_slice(&block[from..from + n]);
                 at += n as u64;
             } else if matches!(state.in_flight, Some((s, e)) if s <= at && at < e) {
-                state = self
+                // Bounded, in case the worker is gone (a panic, or a fork
+                // that did not copy it): the ordinary path then serves.
+                let (guard, waited) = self
                     .shared
                     .changed
-                    .wait(state)
+                    .wait_timeout(state, IN_FLIGHT_PATIENCE)
                     .unwrap_or_else(PoisonError::into_inner);
+                state = guard;
+                if waited.timed_out() {
+                    break;
+                }
             } else {
                 break;
             }

@@ -22,6 +22,11 @@
 //! small cache of verified data blocks, so reading an inode after its
 //! neighbour does not hash the block again. No cache ever holds bytes that
 //! did not verify.
+//!
+//! With [`VerifiedReader::with_hash_ahead`] (the FUSE server), a thread
+//! reads and verifies the data after each sequential read, so that the
+//! next read copies verified bytes instead of hashing while the program
+//! reading the mount waits (see [`crate::ahead`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
