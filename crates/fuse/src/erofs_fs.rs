@@ -71,11 +71,17 @@ impl ErofsFs {
         // on the Debian image (more disk reads and CPU for blocks read
         // twice or never wanted). An image whose device table names extra
         // devices is refused under verity (the tree covers this file only).
-        let opened = verity::open_image_from(path, Arc::new(primary), verity, &mut |p| {
-            let tree = ImageFile::open(p, low_memory)?;
-            fds.push(tree.fd());
-            Ok(Arc::new(tree))
-        })
+        let opened = verity::open_image_ahead(
+            path,
+            Arc::new(primary),
+            verity,
+            Some(|f| serving_data(f)),
+            &mut |p| {
+                let tree = ImageFile::open(p, low_memory)?;
+                fds.push(tree.fd());
+                Ok(Arc::new(tree))
+            },
+        )
         .map_err(OpenError::Verity)?;
         if opened.verity.is_some() && !devices.is_empty() {
             return Err(OpenError::Verity(verity::Error::Unsupported(format!(

@@ -26,6 +26,7 @@
 // Tests may unwrap: a panic there is a test failure with a backtrace.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod ahead;
 mod error;
 pub mod geometry;
 pub mod hex;
@@ -39,8 +40,8 @@ pub mod tree;
 pub use error::{Error, Result};
 pub use geometry::{Geometry, VerityParams};
 pub use policy::{
-    open_image, open_image_from, open_verified, refuse_extra_devices, OpenedImage, Sidecars,
-    SignatureStatus, TrustPolicy, VerityOptions,
+    open_image, open_image_ahead, open_image_from, open_verified, refuse_extra_devices,
+    OpenedImage, Sidecars, SignatureStatus, TrustPolicy, VerityOptions,
 };
 pub use reader::VerifiedReader;
 pub use root_hash::RootHash;

@@ -185,6 +185,20 @@ pub fn open_image_from(
     opts: &VerityOptions,
     open_tree: &mut dyn FnMut(&Path) -> std::io::Result<Arc<dyn ReadAt>>,
 ) -> Result<OpenedImage> {
+    open_image_ahead(image, data, opts, None, open_tree)
+}
+
+/// [`open_image_from`] with hash-ahead ([`VerifiedReader::with_hash_ahead`])
+/// when `ahead` is given: for a server whose reads come in sequences, such
+/// as a FUSE server reading files through. `ahead` runs the hash-ahead
+/// thread's reads, marked as the caller marks its reads of file data.
+pub fn open_image_ahead(
+    image: &Path,
+    data: Arc<dyn ReadAt>,
+    opts: &VerityOptions,
+    ahead: Option<crate::ahead::ReadScope>,
+    open_tree: &mut dyn FnMut(&Path) -> std::io::Result<Arc<dyn ReadAt>>,
+) -> Result<OpenedImage> {
     let sidecars = if opts.no_sidecars {
         Sidecars::default()
     } else {
@@ -245,6 +259,10 @@ pub fn open_image_from(
     let reader = open_verified(data, tree, offset, root_hash).map_err(|e| prefix(e, &tree_path))?;
     refuse_extra_devices(&reader, image)?;
     let geometry = reader.geometry().clone();
+    let reader = match ahead {
+        Some(scope) => reader.with_hash_ahead(scope),
+        None => reader,
+    };
     Ok(OpenedImage {
         reader: Arc::new(reader),
         verity: Some(VerityInfo {

@@ -22,6 +22,11 @@
 //! small cache of verified data blocks, so reading an inode after its
 //! neighbour does not hash the block again. No cache ever holds bytes that
 //! did not verify.
+//!
+//! With [`VerifiedReader::with_hash_ahead`] (the FUSE server), a thread
+//! reads and verifies the data after each sequential read, so that the
+//! next read copies verified bytes instead of hashing while the program
+//! reading the mount waits (see [`crate::ahead`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -31,6 +36,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use erofs::ReadAt;
 
+use crate::ahead::{Ahead, ReadScope, VerifyRead};
 use crate::geometry::Geometry;
 use crate::root_hash::RootHash;
 use crate::tree::check_sizes;
@@ -139,6 +145,15 @@ struct LoadedLevel {
 /// [`io::ErrorKind::UnexpectedEof`]. Safe to share between threads.
 #[derive(Debug)]
 pub struct VerifiedReader<R, H = R> {
+    core: Arc<Core<R, H>>,
+    /// Verifies ahead of sequential reads, when asked for
+    /// ([`VerifiedReader::with_hash_ahead`]).
+    ahead: Option<Ahead>,
+}
+
+/// The reader proper, shared with the hash-ahead worker.
+#[derive(Debug)]
+struct Core<R, H> {
     data: R,
     hash: H,
     geometry: Geometry,
@@ -179,7 +194,7 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
         } else {
             LowestLevel::Lazy(HashCache::new(cache_bytes / hbs))
         };
-        let reader = VerifiedReader {
+        let reader = Core {
             data,
             hash,
             geometry,
@@ -188,7 +203,10 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
             data_cache: HashCache::new(data_capacity),
         };
         if loaded {
-            return Ok(reader);
+            return Ok(VerifiedReader {
+                core: Arc::new(reader),
+                ahead: None,
+            });
         }
         match reader.geometry.levels().len() {
             0 => {
@@ -201,25 +219,28 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
             io::ErrorKind::InvalidData => root_mismatch(&reader.root),
             _ => Error::io("reading the top of the hash tree", e),
         })?;
-        Ok(reader)
+        Ok(VerifiedReader {
+            core: Arc::new(reader),
+            ahead: None,
+        })
     }
 
     /// The tree layout.
     pub fn geometry(&self) -> &Geometry {
-        &self.geometry
+        &self.core.geometry
     }
 
     /// The trusted root hash.
     pub fn root_hash(&self) -> RootHash {
-        self.root
+        self.core.root
     }
 
     /// Number of verified hash blocks held in memory: the whole lowest
     /// level when the tree was loaded at open, else those cached.
     pub fn cached_hash_blocks(&self) -> usize {
-        match &self.lowest {
+        match &self.core.lowest {
             LowestLevel::Loaded(level) => {
-                level.bytes.len() / self.geometry.params().hash_block_size as usize
+                level.bytes.len() / self.core.geometry.params().hash_block_size as usize
             }
             LowestLevel::Lazy(cache) => cache.len(),
         }
@@ -227,9 +248,33 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
 
     /// Whether the whole tree was read and checked at open.
     pub fn tree_loaded(&self) -> bool {
-        matches!(self.lowest, LowestLevel::Loaded(_))
+        matches!(self.core.lowest, LowestLevel::Loaded(_))
     }
 
+    /// Verify ahead of sequential reads on a thread of its own (see
+    /// [`crate::ahead`]): a read of several whole blocks has the window
+    /// after it read and verified in the background, into a bounded store
+    /// of verified copies that later reads copy from. The thread starts on
+    /// the first such read, and runs its reads inside `scope`.
+    pub fn with_hash_ahead(mut self, scope: ReadScope) -> Self
+    where
+        R: 'static,
+        H: 'static,
+    {
+        let core = Arc::clone(&self.core);
+        let verify: VerifyRead = Arc::new(move |buf, offset| core.read_verified(buf, offset));
+        let dbs = u64::from(self.core.geometry.params().data_block_size);
+        self.ahead = Some(Ahead::new(
+            verify,
+            scope,
+            dbs,
+            self.core.geometry.data_size(),
+        ));
+        self
+    }
+}
+
+impl<R: ReadAt, H: ReadAt> Core<R, H> {
     /// The verified hash block `index` of `level`, from the cache or read
     /// and checked against its parent (recursively up to the root).
     /// Only used on the lazy path (the cache is its own).
@@ -443,7 +488,16 @@ fn load_tree<H: ReadAt>(hash: &H, geometry: &Geometry, root: &RootHash) -> Resul
     Ok(LoadedLevel { bytes, bad })
 }
 
-impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
+impl<R: ReadAt, H: ReadAt> Core<R, H> {
+    /// Whether a read of `len` bytes at `offset` is not empty and lies
+    /// inside the data area.
+    fn inside(&self, len: usize, offset: u64) -> bool {
+        len > 0
+            && offset
+                .checked_add(len as u64)
+                .is_some_and(|end| end <= self.geometry.data_size())
+    }
+
     /// The body of [`ReadAt::read_exact_at`]; the caller clears `buf` on error.
     fn read_checked(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let size = self.geometry.data_size();
@@ -488,7 +542,12 @@ impl<R: ReadAt, H: ReadAt> VerifiedReader<R, H> {
 
 impl<R: ReadAt, H: ReadAt> ReadAt for VerifiedReader<R, H> {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let result = self.read_checked(buf, offset);
+        let result = match &self.ahead {
+            Some(ahead) if self.core.inside(buf.len(), offset) => {
+                ahead.read(buf, offset, |b, o| self.core.read_checked(b, o))
+            }
+            _ => self.core.read_checked(buf, offset),
+        };
         if result.is_err() {
             // Never leave unverified bytes behind for a careless caller.
             buf.fill(0);
@@ -497,6 +556,201 @@ impl<R: ReadAt, H: ReadAt> ReadAt for VerifiedReader<R, H> {
     }
 
     fn size(&self) -> io::Result<u64> {
-        Ok(self.geometry.data_size())
+        Ok(self.core.geometry.data_size())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::ahead::{STORE_BYTES, WINDOW};
+    use crate::tree::{format_image, geometry_from_superblock, FormatOptions};
+
+    /// An image in memory that can be changed after the reader opened it,
+    /// and counts the bytes read from it: all, and those read by the
+    /// reader's caller rather than the hash-ahead worker.
+    #[derive(Debug)]
+    struct Mem {
+        bytes: Mutex<Vec<u8>>,
+        read: AtomicUsize,
+        read_by_caller: AtomicUsize,
+    }
+
+    impl ReadAt for Mem {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.read.fetch_add(buf.len(), Ordering::Relaxed);
+            if std::thread::current().name() != Some("verity-ahead") {
+                self.read_by_caller.fetch_add(buf.len(), Ordering::Relaxed);
+            }
+            self.bytes.lock().unwrap().read_exact_at(buf, offset)
+        }
+
+        fn size(&self) -> io::Result<u64> {
+            Ok(self.bytes.lock().unwrap().len() as u64)
+        }
+    }
+
+    type Reader = VerifiedReader<Arc<Mem>, Vec<u8>>;
+
+    const DBS: usize = 4096;
+    const READ: usize = 128 * 1024;
+
+    fn no_scope(f: &mut dyn FnMut()) {
+        f()
+    }
+
+    /// 8 MiB of data that differs from block to block, its tree, and a
+    /// reader with hash-ahead over them.
+    fn fixture() -> (Vec<u8>, Arc<Mem>, Reader) {
+        let data: Vec<u8> = (0..8usize << 20)
+            .map(|i| (i.wrapping_mul(31) ^ (i >> 12)) as u8)
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let (img, tree) = (dir.path().join("img"), dir.path().join("tree"));
+        std::fs::write(&img, &data).unwrap();
+        let report = format_image(&img, Some(&tree), None, &FormatOptions::default()).unwrap();
+        let hash = std::fs::read(&tree).unwrap();
+        let geometry = geometry_from_superblock(&hash, 0).unwrap();
+        let mem = Arc::new(Mem {
+            bytes: Mutex::new(data.clone()),
+            read: AtomicUsize::new(0),
+            read_by_caller: AtomicUsize::new(0),
+        });
+        let reader = VerifiedReader::new(Arc::clone(&mem), hash, geometry, report.root_hash)
+            .unwrap()
+            .with_hash_ahead(no_scope);
+        (data, mem, reader)
+    }
+
+    fn ahead<R, H>(reader: &VerifiedReader<R, H>) -> &Ahead {
+        reader.ahead.as_ref().unwrap()
+    }
+
+    /// A sequential read returns the image's bytes, and once the worker has
+    /// verified the window, the next reads copy from the store without
+    /// reading the image.
+    #[test]
+    fn sequential_reads_are_served_from_verified_copies() {
+        let (data, mem, reader) = fixture();
+        let mut buf = vec![0u8; READ];
+        let mut served_from_store = 0;
+        for at in (0..data.len()).step_by(READ) {
+            ahead(&reader).wait_idle();
+            let before = mem.read_by_caller.load(Ordering::Relaxed);
+            reader.read_exact_at(&mut buf, at as u64).unwrap();
+            assert!(buf == data[at..at + READ], "bytes at {at}");
+            if mem.read_by_caller.load(Ordering::Relaxed) == before {
+                served_from_store += 1;
+            }
+            assert!(ahead(&reader).stored_bytes() <= STORE_BYTES);
+        }
+        // All but the first read found their bytes verified ahead.
+        assert_eq!(served_from_store, data.len() / READ - 1);
+        // Every block was read once: the worker's copies were used, not
+        // read again.
+        ahead(&reader).wait_idle();
+        assert_eq!(mem.read.load(Ordering::Relaxed), data.len());
+        assert_eq!(mem.read_by_caller.load(Ordering::Relaxed), READ);
+    }
+
+    /// Reads the size of files (each from a block boundary, most ending
+    /// inside a block) and small reads inside blocks return the image's
+    /// bytes, and a sequence of them is served from the store.
+    #[test]
+    fn unaligned_reads_are_served_too() {
+        let (data, mem, reader) = fixture();
+        let mut at = 0usize;
+        let mut i = 0usize;
+        while at + 3 * READ < data.len() {
+            ahead(&reader).wait_idle();
+            let len = [5000, 2 * DBS, 100, 3 * DBS + 1, 70_000, 1][i % 6];
+            let mut buf = vec![0u8; len];
+            reader.read_exact_at(&mut buf, at as u64).unwrap();
+            assert!(buf == data[at..at + len], "{len} bytes at {at}");
+            // An inode-sized read in the middle of the next block.
+            let mut small = [0u8; 64];
+            let inner = at + len.next_multiple_of(DBS) + 128;
+            reader.read_exact_at(&mut small, inner as u64).unwrap();
+            assert!(small == data[inner..inner + 64], "64 bytes at {inner}");
+            at += len.next_multiple_of(DBS);
+            i += 1;
+        }
+        ahead(&reader).wait_idle();
+        // The caller read the first piece; the worker nearly all the rest.
+        let by_caller = mem.read_by_caller.load(Ordering::Relaxed);
+        assert!(
+            by_caller < at / 4,
+            "{by_caller} of {at} bytes read by the caller"
+        );
+    }
+
+    /// A block corrupted in the window ahead is never stored: the read that
+    /// covers it fails and returns no bytes, while the reads around it, from
+    /// the store or not, still return the right bytes.
+    #[test]
+    fn a_corrupt_block_ahead_fails_the_read_that_covers_it() {
+        let (data, mem, reader) = fixture();
+        let bad = 3 * READ + 5 * DBS + 17;
+        mem.bytes.lock().unwrap()[bad] ^= 0x40;
+        let mut buf = vec![0u8; READ];
+        for at in (0..6 * READ).step_by(READ) {
+            ahead(&reader).wait_idle();
+            let r = reader.read_exact_at(&mut buf, at as u64);
+            if (at..at + READ).contains(&bad) {
+                let e = r.unwrap_err();
+                assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+                assert!(buf.iter().all(|&b| b == 0), "bytes handed out at {at}");
+            } else {
+                r.unwrap();
+                assert!(buf == data[at..at + READ], "bytes at {at}");
+            }
+        }
+        // A one-block read of the bad block fails too.
+        let mut block = vec![0u8; DBS];
+        let e = reader
+            .read_exact_at(&mut block, (bad - bad % DBS) as u64)
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// Bytes verified ahead are the bytes handed out: changing the image
+    /// after the worker checked a chunk does not show through it, and a
+    /// chunk changed before the worker reads it fails.
+    #[test]
+    fn verified_copies_are_what_was_hashed() {
+        let (data, mem, reader) = fixture();
+        let mut buf = vec![0u8; READ];
+        reader.read_exact_at(&mut buf, 0).unwrap();
+        ahead(&reader).wait_idle();
+        assert!(ahead(&reader).stored_bytes() >= WINDOW as usize);
+        // Tamper with the next read's bytes, now in the store.
+        mem.bytes.lock().unwrap()[READ + 100] ^= 1;
+        reader.read_exact_at(&mut buf, READ as u64).unwrap();
+        assert!(buf == data[READ..2 * READ]);
+    }
+
+    /// However the reads jump about, the store stays within its bound and
+    /// every read returns the image's bytes.
+    #[test]
+    fn the_store_stays_within_its_bound() {
+        let (data, _mem, reader) = fixture();
+        let mut buf = vec![0u8; 2 * DBS];
+        let blocks = data.len() / DBS;
+        // A stride that visits blocks out of order and never consumes what
+        // was verified ahead of it.
+        for i in 0..100usize {
+            let at = (i * 397 % (blocks - 2)) * DBS;
+            reader.read_exact_at(&mut buf, at as u64).unwrap();
+            assert!(buf == data[at..at + 2 * DBS], "bytes at {at}");
+            let stored = ahead(&reader).stored_bytes();
+            assert!(stored <= STORE_BYTES, "{stored} bytes stored");
+        }
+        ahead(&reader).wait_idle();
+        assert!(ahead(&reader).stored_bytes() <= STORE_BYTES);
+        // Dropping the reader stops and joins the worker (no hang).
+        drop(reader);
     }
 }
