@@ -65,11 +65,13 @@ impl ErofsFs {
         let mut fds = vec![primary.fd()];
         // The policy (root hash, sidecars, signature, where the tree is)
         // is settled by the verity crate; the reads themselves go through
-        // our own files, whose descriptors the sandbox keeps. Blocks are
-        // hashed in the READ that wants them: hashing the data after each
-        // READ ahead on a thread of its own was tried and measured slower
-        // on the Debian image (more disk reads and CPU for blocks read
-        // twice or never wanted). An image whose device table names extra
+        // our own files, whose descriptors the sandbox keeps. After a READ
+        // of data, the verity crate's hash-ahead thread (started on first
+        // use, so inside the confined server) reads and verifies the window
+        // after it into a bounded store of verified copies, taking hashing
+        // off the READ's path; its reads count as data reads here
+        // (`serving_data`), fetched ahead and dropped from the page cache
+        // like the READ's own. An image whose device table names extra
         // devices is refused under verity (the tree covers this file only).
         let opened = verity::open_image_ahead(
             path,
