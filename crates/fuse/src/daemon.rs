@@ -245,7 +245,7 @@ pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), 
         } else {
             String::new()
         };
-        return serve_ready(session, &mounted, notifier, &text, req.sandbox_report);
+        return report_ready_and_serve(session, notifier, &text, req.sandbox_report);
     }
     let mut keep = session.fds();
     keep.extend(image_fds);
@@ -341,7 +341,7 @@ fn run_server(job: Job, prepared: Option<sandbox::Prepared>) -> ! {
         }
         Ok(r) => {
             let text = if report { r.to_string() } else { String::new() };
-            serve_confined(session, notifier, &text, report)
+            report_ready_and_serve(session, notifier, &text, report)
         }
     };
     std::process::exit(code(result));
@@ -436,8 +436,9 @@ impl Ahead {
     }
 }
 
-/// Report ready and serve until unmounted, in the confined server.
-fn serve_confined(
+/// Report ready and serve until unmounted (the mount itself is held by
+/// the caller, or by the supervisor).
+fn report_ready_and_serve(
     session: Session,
     notifier: Option<ReadyNotifier>,
     text: &str,
@@ -451,24 +452,6 @@ fn serve_confined(
     session
         .serve()
         .map_err(|e| MountError::usage(format!("serving failed: {e}")))
-}
-
-/// Report ready and serve until unmounted.
-fn serve_ready(
-    session: Session,
-    mounted: &mount::Mounted,
-    notifier: Option<ReadyNotifier>,
-    text: &str,
-    print: bool,
-) -> Result<(), MountError> {
-    match notifier {
-        Some(n) => n.ready(text),
-        None if print => eprintln!("immount: {}", text.trim_end()),
-        None => {}
-    }
-    let result = session.serve();
-    let _ = mounted;
-    result.map_err(|e| MountError::usage(format!("serving failed: {e}")))
 }
 
 /// Unmount on SIGTERM/SIGINT/SIGHUP, then exit.

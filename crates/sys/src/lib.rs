@@ -8,5 +8,7 @@ pub mod fuse;
 pub mod microlzma;
 pub mod mountd;
 pub mod sandbox;
+#[cfg(target_arch = "x86_64")]
+mod sha256_consts;
 pub mod sha256x16;
 pub mod sha256x2;
