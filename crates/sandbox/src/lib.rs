@@ -760,6 +760,15 @@ impl Facts {
     }
 }
 
+/// The descriptors that stay open: those asked for and the log, sorted.
+fn kept_fds(cfg: &SandboxConfig) -> Vec<RawFd> {
+    let mut keep = cfg.keep_fds.clone();
+    keep.extend(cfg.log_fd);
+    keep.sort_unstable();
+    keep.dedup();
+    keep
+}
+
 /// Steps 1 and 2: every descriptor not kept closed, and the limits that do
 /// not depend on the uid.
 fn close_and_limit(
@@ -767,10 +776,7 @@ fn close_and_limit(
     null: Option<std::fs::File>,
     laps: &mut Laps,
 ) -> Result<(), SandboxError> {
-    let mut keep = cfg.keep_fds.clone();
-    keep.extend(cfg.log_fd);
-    keep.sort_unstable();
-    keep.dedup();
+    let keep = kept_fds(cfg);
     match null {
         Some(null) => immount_sys::sandbox::close_fds_except_using(&keep, null),
         None => immount_sys::sandbox::close_fds_except(&keep),
@@ -798,10 +804,7 @@ fn finish(
         identity_plan,
         ..
     } = facts;
-    let mut keep = cfg.keep_fds.clone();
-    keep.extend(cfg.log_fd);
-    keep.sort_unstable();
-    keep.dedup();
+    let keep = kept_fds(cfg);
     let mut rlimits = vec![
         ("RLIMIT_NOFILE", Some(cfg.max_open_files)),
         ("RLIMIT_CORE", Some(0)),
