@@ -424,6 +424,20 @@ impl Ahead {
             }
             Err(_) => return Err((job.notifier, MountError::usage(ended.to_owned()))),
         }
+        // The fork copies the confine thread alone: no other thread but
+        // this one (waiting below) may exist, or it could hold a lock the
+        // child needs. Counted here, where /proc is still in sight.
+        match std::fs::read_dir("/proc/self/task").map(Iterator::count) {
+            Ok(2) => {}
+            Ok(n) => {
+                let msg = format!("cannot start the confined server: {n} threads, 2 expected");
+                return Err((job.notifier, MountError::usage(msg)));
+            }
+            Err(e) => {
+                let msg = format!("cannot start the confined server: /proc/self/task: {e}");
+                return Err((job.notifier, MountError::usage(msg)));
+            }
+        }
         if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
             return Err((job.notifier, MountError::usage(ended.to_owned())));
         }
