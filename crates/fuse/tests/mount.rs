@@ -876,6 +876,24 @@ fn reading_everything_does_not_cache_the_image_twice() {
     }
 }
 
+/// The confined server serving `mountpoint` and its supervisor (its
+/// parent, which names the mount point too): (server, supervisor).
+fn server_and_supervisor(mountpoint: &str) -> (u32, u32) {
+    let procs = processes_naming(mountpoint);
+    procs
+        .iter()
+        .copied()
+        .find(|(_, ppid)| procs.iter().any(|(p, _)| p == ppid))
+        .expect("a supervisor and its server")
+}
+
+/// Wait (10 s at most) until process `pid` is gone or a zombie.
+fn wait_until_ended(what: &str, pid: u32) {
+    wait_until(what, Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{pid}")).exists() || status_field(pid, "State:").starts_with('Z')
+    });
+}
+
 /// Processes whose command line names `needle`, with their parent pids.
 fn processes_naming(needle: &str) -> Vec<(u32, u32)> {
     let mut found = Vec::new();
@@ -934,12 +952,7 @@ fn the_server_is_confined_and_its_supervisor_cleans_up() {
     // As root, the namespaces were made ahead, while the image was mounted.
     assert!(report.contains("unshare (ahead)"), "{report}");
     assert!(std::fs::read_dir(&guard.mountpoint).unwrap().count() > 3);
-    let procs = processes_naming(guard.mountpoint.to_str().unwrap());
-    let (server, supervisor) = procs
-        .iter()
-        .copied()
-        .find(|(_, ppid)| procs.iter().any(|(p, _)| p == ppid))
-        .expect("a supervisor and its server");
+    let (server, supervisor) = server_and_supervisor(guard.mountpoint.to_str().unwrap());
     assert_eq!(
         status_field(server, "Uid:").split_whitespace().next(),
         Some("65534")
@@ -982,10 +995,7 @@ fn the_server_is_confined_and_its_supervisor_cleans_up() {
     wait_until("the supervisor unmounted", Duration::from_secs(10), || {
         !is_mounted(&guard.mountpoint)
     });
-    wait_until("the supervisor exited", Duration::from_secs(10), || {
-        !Path::new(&format!("/proc/{supervisor}")).exists()
-            || status_field(supervisor, "State:").starts_with('Z')
-    });
+    wait_until_ended("the supervisor exited", supervisor);
 }
 
 /// When a user unmounts and mounts again at the same path before the old
@@ -1017,12 +1027,7 @@ fn an_old_supervisor_leaves_a_newer_mount_alone() {
     let guard = MountGuard {
         mountpoint: mp.clone(),
     };
-    let procs = processes_naming(mp.to_str().unwrap());
-    let (old_server, old_supervisor) = procs
-        .iter()
-        .copied()
-        .find(|(_, ppid)| procs.iter().any(|(p, _)| p == ppid))
-        .expect("a supervisor and its server");
+    let (old_server, old_supervisor) = server_and_supervisor(mp.to_str().unwrap());
     let signal = |sig: &str, pid: u32| {
         let st = Command::new("kill")
             .args([sig, &pid.to_string()])
@@ -1033,16 +1038,10 @@ fn an_old_supervisor_leaves_a_newer_mount_alone() {
     signal("-STOP", old_supervisor);
     let st = Command::new("umount").arg(&mp).status().unwrap();
     assert!(st.success());
-    wait_until("the old server ended", Duration::from_secs(10), || {
-        !Path::new(&format!("/proc/{old_server}")).exists()
-            || status_field(old_server, "State:").starts_with('Z')
-    });
+    wait_until_ended("the old server ended", old_server);
     mount();
     signal("-CONT", old_supervisor);
-    wait_until("the old supervisor exited", Duration::from_secs(10), || {
-        !Path::new(&format!("/proc/{old_supervisor}")).exists()
-            || status_field(old_supervisor, "State:").starts_with('Z')
-    });
+    wait_until_ended("the old supervisor exited", old_supervisor);
     assert!(
         is_mounted(&mp),
         "the old supervisor unmounted the new mount"
@@ -1226,12 +1225,7 @@ fn the_server_inside_a_root_only_user_namespace_is_still_confined() {
         std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut err).unwrap();
         panic!("mount inside unshare -Urm failed: {err}");
     }
-    let procs = processes_naming(mp.to_str().unwrap());
-    let (server, _) = procs
-        .iter()
-        .copied()
-        .find(|(_, ppid)| procs.iter().any(|(p, _)| p == ppid))
-        .expect("a supervisor and its server");
+    let (server, _) = server_and_supervisor(mp.to_str().unwrap());
     let checks = [
         ("Seccomp:", status_field(server, "Seccomp:"), "2"),
         ("NoNewPrivs:", status_field(server, "NoNewPrivs:"), "1"),

@@ -4,27 +4,9 @@
 //! and a one-bit change that must move only its own lane.
 
 use immount_sys::sha256x16::{sha256_16x, sha256_16x_supported, LANES};
-use sha2::{Digest, Sha256};
+mod common;
 
-fn reference(prefix: &[u8], msg: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(prefix);
-    h.update(msg);
-    h.finalize().into()
-}
-
-/// Deterministic pseudo-random bytes (xorshift64), different per seed.
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use common::{bytes, reference};
 
 /// Sixteen distinct messages of `len` bytes from `seed`.
 fn messages(seed: u64, len: usize) -> Vec<Vec<u8>> {

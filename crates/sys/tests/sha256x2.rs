@@ -3,27 +3,9 @@
 //! fill whole blocks, and two different messages per call.
 
 use immount_sys::sha256x2::{sha256_2x, sha256_2x_supported};
-use sha2::{Digest, Sha256};
+mod common;
 
-fn reference(prefix: &[u8], msg: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(prefix);
-    h.update(msg);
-    h.finalize().into()
-}
-
-/// Deterministic pseudo-random bytes (xorshift64), different per seed.
-fn bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
+use common::{bytes, reference};
 
 /// Hash (a, b) both ways and compare; also with the lanes swapped, so a
 /// mix-up of lanes cannot pass.
