@@ -10,8 +10,9 @@ pub struct MountArgs {
     #[arg(short = 'f', long = "foreground")]
     pub foreground: bool,
     /// Mount options, comma-separated: allow_other, suid, dev, noacl,
-    /// lowmem, stats (print request counts at exit), fsname=NAME, threads=N,
-    /// readahead_kb=N (ro, nosuid, nodev and default_permissions are implied).
+    /// lowmem, nopush (no readahead across files), stats (print request
+    /// counts at exit), fsname=NAME, threads=N, readahead_kb=N (ro, nosuid,
+    /// nodev and default_permissions are implied).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
     /// An extra device of the image (repeat, in the image's device order).

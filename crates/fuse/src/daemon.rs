@@ -137,7 +137,11 @@ pub fn parse_options(options: &[String], image: &Path) -> Result<ServeOptions, M
             ("suid", None) => out.mount.suid = true,
             ("dev", None) => out.mount.dev = true,
             ("noacl", None) => out.session.posix_acl = false,
-            ("lowmem", None) => out.low_memory = true,
+            ("lowmem", None) => {
+                out.low_memory = true;
+                out.session.push = false;
+            }
+            ("nopush", None) => out.session.push = false,
             ("stats", None) => out.session.stats = true,
             ("fsname", Some(v)) => out.mount.fsname = v.to_owned(),
             ("threads", Some(v)) => {

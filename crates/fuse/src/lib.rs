@@ -7,6 +7,7 @@
 //! - [`image_file`]: the image as the reader reads it, data around the
 //!   page cache.
 //! - [`server`]: INIT negotiation and the worker threads.
+//! - [`push`]: readahead across files, into the kernel's page cache.
 //! - [`mount`]: mounting (directly or through fusermount3) and unmounting.
 //! - [`daemon`]: `immount mount` end to end: backgrounding, and the
 //!   server confined by crates/sandbox behind a supervisor that unmounts.
@@ -22,6 +23,7 @@ pub mod erofs_fs;
 pub mod filesystem;
 pub mod image_file;
 pub mod mount;
+pub mod push;
 pub mod server;
 
 pub use daemon::{MountError, MountRequest};

@@ -13,6 +13,9 @@
 //! - Each worker thread reads from its own `/dev/fuse` clone and answers on
 //!   the same file, with its own buffers: no locks on the request path.
 //! - READ replies go out with one `writev` of header and data.
+//! - A READ at the start of a file of a listed directory has the files
+//!   listed after it pushed into the page cache by a thread of its own
+//!   ([`crate::push`]): a walker then finds them cached.
 //!
 //! Bad input from the image never ends a worker: a failed request is
 //! answered with an errno, and an image fault is logged once per inode.
@@ -26,6 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::abi::{self, init_flags, opcode, Attr, Cursor, InHeader};
 use crate::filesystem::{DirItem, Filesystem, FsError};
+use crate::push::{self, PushThread, Pusher};
 
 /// The largest READ we accept: 256 pages of 4 KiB (`max_pages`).
 pub const MAX_PAGES: u16 = 256;
@@ -58,6 +62,9 @@ pub struct SessionConfig {
     /// Whether the server may read `/proc/PID/status` of a caller (to check
     /// its capabilities); off in a sandbox, where opening files is fatal.
     pub read_proc: bool,
+    /// Push the files listed after one being read into the page cache
+    /// ahead of the reader (see [`crate::push`]).
+    pub push: bool,
 }
 
 impl Default for SessionConfig {
@@ -67,6 +74,7 @@ impl Default for SessionConfig {
             posix_acl: true,
             stats: false,
             read_proc: true,
+            push: true,
         }
     }
 }
@@ -83,6 +91,8 @@ pub struct Session {
     /// `/dev/fuse` files for the other workers, made in advance by
     /// [`Session::prepare_workers`].
     worker_devs: Vec<File>,
+    /// The body of the thread that pushes files ahead, when pushing.
+    push_thread: Option<PushThread>,
 }
 
 impl std::fmt::Debug for Session {
@@ -103,6 +113,8 @@ struct Shared {
     read_proc: bool,
     /// Requests per opcode, when counting.
     counts: Option<Vec<AtomicU64>>,
+    /// Where listings and reads are reported, when pushing.
+    pusher: Option<Pusher>,
 }
 
 impl Session {
@@ -113,6 +125,13 @@ impl Session {
         let counts = config
             .stats
             .then(|| (0..COUNTED_OPCODES).map(|_| AtomicU64::new(0)).collect());
+        let (pusher, push_thread) = match config.push {
+            true => {
+                let (p, t) = push::pusher();
+                (Some(p), Some(t))
+            }
+            false => (None, None),
+        };
         Session {
             dev,
             fs,
@@ -123,8 +142,10 @@ impl Session {
                 trusted_uid: trusted_uid(),
                 read_proc: config.read_proc,
                 counts,
+                pusher,
             }),
             worker_devs: Vec::new(),
+            push_thread,
         }
     }
 
@@ -222,28 +243,49 @@ impl Session {
     pub fn serve(mut self) -> io::Result<()> {
         // A clone has its own processing queue, so workers do not contend.
         self.prepare_workers()?;
+        let dev = Arc::new(self.dev);
+        let push = match self.push_thread.take() {
+            Some(body) => {
+                let fs = self.fs.clone();
+                let dev = Arc::clone(&dev);
+                let root = fs.root();
+                let nodeid = move |ino: u64| match ino == root {
+                    true => Some(abi::ROOT_ID),
+                    false => ino.checked_add(2),
+                };
+                let h = std::thread::Builder::new()
+                    .name("fuse-push".into())
+                    .spawn(move || body.run(&*fs, &dev, nodeid))?;
+                Some(h)
+            }
+            None => None,
+        };
         let mut handles = Vec::new();
         for (i, dev) in std::mem::take(&mut self.worker_devs)
             .into_iter()
             .enumerate()
         {
             let i = i + 1;
-            let worker = Worker::new(dev, self.fs.clone(), self.shared.clone());
+            let worker = Worker::new(Arc::new(dev), self.fs.clone(), self.shared.clone());
             let h = std::thread::Builder::new()
                 .name(format!("fuse-{i}"))
                 .spawn(move || worker.run())?;
             handles.push(h);
         }
         let shared = self.shared.clone();
-        let result = Worker::new(self.dev, self.fs, self.shared).run();
+        let result = Worker::new(dev, self.fs, self.shared).run();
+        let mut failed = None;
         for h in handles {
             match h.join() {
-                Ok(r) => r?,
-                Err(_) => return Err(io::Error::other("a FUSE worker thread panicked")),
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failed = failed.or(Some(e)),
+                Err(_) => {
+                    failed = failed.or(Some(io::Error::other("a FUSE worker thread panicked")))
+                }
             }
         }
         if let Some(counts) = &shared.counts {
-            let seen: Vec<String> = counts
+            let mut seen: Vec<String> = counts
                 .iter()
                 .enumerate()
                 .filter_map(|(op, n)| {
@@ -251,9 +293,27 @@ impl Session {
                     (n > 0).then(|| format!("{}={n}", opcode::name(op as u32)))
                 })
                 .collect();
+            if let Some(p) = &shared.pusher {
+                let s = &p.stats;
+                seen.push(format!(
+                    "pushed={} files {} bytes, refused={}",
+                    s.files.load(Ordering::Relaxed),
+                    s.bytes.load(Ordering::Relaxed),
+                    s.refused.load(Ordering::Relaxed)
+                ));
+            }
             eprintln!("immount: requests: {}", seen.join(" "));
         }
-        result
+        // The last sender of windows goes with `shared`: the pushing thread
+        // then ends.
+        drop(shared);
+        if let Some(h) = push {
+            if h.join().is_err() {
+                failed = failed.or(Some(io::Error::other("the FUSE push thread panicked")));
+            }
+        }
+        result?;
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -337,7 +397,7 @@ fn reply_err(dev: &File, unique: u64, errno: i32) {
 
 /// One worker: a `/dev/fuse` file and its buffers.
 struct Worker {
-    dev: File,
+    dev: Arc<File>,
     fs: Arc<dyn Filesystem>,
     shared: Arc<Shared>,
     request: Vec<u8>,
@@ -347,7 +407,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(dev: File, fs: Arc<dyn Filesystem>, shared: Arc<Shared>) -> Worker {
+    fn new(dev: Arc<File>, fs: Arc<dyn Filesystem>, shared: Arc<Shared>) -> Worker {
         let root = fs.root();
         Worker {
             dev,
@@ -362,7 +422,7 @@ impl Worker {
 
     fn run(mut self) -> io::Result<()> {
         loop {
-            let n = match (&self.dev).read(&mut self.request) {
+            let n = match (&*self.dev).read(&mut self.request) {
                 Ok(n) => n,
                 Err(e) if retryable(&e) => continue,
                 // The filesystem was unmounted (or the connection aborted).
@@ -497,6 +557,9 @@ impl Worker {
                 let n = self.fs.read(ino, offset, &mut self.data[..size])?;
                 let n = n.min(size);
                 reply(&self.dev, h.unique, 0, &[&self.data[..n]]);
+                if let Some(p) = &self.shared.pusher {
+                    p.read(ino, offset);
+                }
             }
             opcode::STATFS => {
                 let s = self.fs.statfs();
@@ -627,6 +690,7 @@ impl Worker {
             true
         })?;
         self.out.clear();
+        let mut listed = Vec::new();
         for (name, child, dtype, next) in &items {
             if plus {
                 let is_dot = name.as_slice() == b"." || name.as_slice() == b"..";
@@ -643,6 +707,8 @@ impl Worker {
                         let a = self.fix_attr(a);
                         let nodeid = self.nodeid_of(a.ino)?;
                         abi::encode_entry(&mut self.out, nodeid, &a, TIMEOUT_SECS);
+                        let regular = a.mode & libc::S_IFMT == libc::S_IFREG;
+                        listed.push((a.ino, regular, a.size));
                     }
                     None => abi::encode_entry(&mut self.out, 0, &Attr::default(), 0),
                 }
@@ -650,6 +716,11 @@ impl Worker {
             abi::encode_dirent(&mut self.out, *child, *next, *dtype, name);
         }
         reply(&self.dev, unique, 0, &[&self.out]);
+        if let (Some(p), Some(last)) = (&self.shared.pusher, items.last()) {
+            if plus {
+                p.listed(ino, offset, last.3, &listed);
+            }
+        }
         Ok(())
     }
 }

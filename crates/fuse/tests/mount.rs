@@ -176,8 +176,18 @@ fn extra_devices(corpus: &Path, name: &str) -> Vec<PathBuf> {
 
 /// `immount mount` in the background; the guard unmounts.
 fn mount(image: &Path, devices: &[PathBuf], mountpoint: &Path) -> Result<MountGuard, String> {
+    mount_with(image, devices, &[], mountpoint)
+}
+
+/// [`mount`] with more arguments (options) before the image.
+fn mount_with(
+    image: &Path,
+    devices: &[PathBuf],
+    args: &[&str],
+    mountpoint: &Path,
+) -> Result<MountGuard, String> {
     let mut cmd = Command::new(bin());
-    cmd.arg("mount");
+    cmd.arg("mount").args(args);
     for d in devices {
         cmd.arg("--device").arg(d);
     }
@@ -873,6 +883,79 @@ fn reading_everything_does_not_cache_the_image_twice() {
             after < size / 2,
             "{name}: {after} of {size} image bytes stay cached after reading every file"
         );
+    }
+}
+
+/// Reading a file of a listed directory pushes the files listed after it
+/// into the page cache, decoded, before anyone reads them, up to the first
+/// window (256 KiB) and no further; `-o nopush` pushes nothing. What was
+/// pushed reads back as the kernel's manifest says.
+#[test]
+fn a_read_pushes_the_next_files_of_its_directory() {
+    require_root!();
+    let corpus = corpus_dir();
+    let page_bytes = |n: u64| n.div_ceil(4096) * 4096;
+    for name in ["lz4", "plain"] {
+        let manifest =
+            std::fs::read_to_string(corpus.join(format!("images/{name}.manifest.jsonl"))).unwrap();
+        let sha: BTreeMap<String, String> = parse_manifest(&manifest)
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| {
+                Some((
+                    e["path"].as_str()?.to_owned(),
+                    e["sha256"].as_str()?.to_owned(),
+                ))
+            })
+            .collect();
+        for (args, pushing) in [(&[][..], true), (&["-o", "nopush"][..], false)] {
+            let dir = TempDir::new("push");
+            let image = corpus.join(format!("images/{name}.erofs"));
+            let guard = mount_with(&image, &[], args, &dir.0).unwrap();
+            let dup = guard.mountpoint.join("dup");
+            // Listed, as a walker lists a directory before reading in it.
+            let names: Vec<String> = std::fs::read_dir(&dup)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert!(names.contains(&"copy-0".to_owned()) && names.contains(&"tail-3".to_owned()));
+            assert_eq!(
+                resident_bytes(&dup.join("copy-1")),
+                0,
+                "{name}: cached before"
+            );
+            assert_eq!(std::fs::read(dup.join("copy-0")).unwrap().len(), 70000);
+            // In listing order: copy-1..3 (70000 bytes each) and tail-0..2
+            // (11192, 19384, 27576) fill the window, tail-3 is past it.
+            let pushed = ["copy-1", "copy-2", "copy-3", "tail-0", "tail-1", "tail-2"];
+            if pushing {
+                for f in pushed {
+                    let path = dup.join(f);
+                    let size = std::fs::metadata(&path).unwrap().len();
+                    wait_until(
+                        &format!("{name}: {f} pushed"),
+                        Duration::from_secs(10),
+                        || resident_bytes(&path) == page_bytes(size),
+                    );
+                }
+            } else {
+                std::thread::sleep(Duration::from_millis(300));
+                for f in pushed {
+                    assert_eq!(resident_bytes(&dup.join(f)), 0, "{name}: {f} with nopush");
+                }
+            }
+            assert_eq!(
+                resident_bytes(&dup.join("tail-3")),
+                0,
+                "{name}: past the window"
+            );
+            for f in pushed {
+                let out = Command::new("sha256sum").arg(dup.join(f)).output().unwrap();
+                let want = &sha[&format!("/dup/{f}")];
+                assert_eq!(&sha256_of(&out.stdout), want, "{name}: {f} as pushed");
+            }
+            umount(&guard.mountpoint);
+        }
     }
 }
 
