@@ -134,6 +134,19 @@ struct ZExtent {
     kind: ZKind,
 }
 
+/// The pcluster fields of an extent that must be one.
+fn pcluster_of(inode: &Inode, ext: &ZExtent) -> Result<(Source, u64, Format, bool)> {
+    match ext.kind {
+        ZKind::Pcluster {
+            src,
+            plen,
+            format,
+            partial,
+        } => Ok((src, plen, format, partial)),
+        _ => Err(zc(inode, "not a pcluster")),
+    }
+}
+
 /// Records between two remembered physical addresses of 4-byte extent
 /// records (one 4 KiB metadata read at most per lookup).
 const RECORD_CHECKPOINT_STRIDE: u64 = 1024;
@@ -891,15 +904,7 @@ impl Image {
     /// Decode a whole extent, or take it from the cache, for a read of
     /// its bytes `[start, end)` (see [`PclusterCache::get`]).
     fn decoded(&self, inode: &Inode, ext: &ZExtent, start: usize, end: usize) -> Result<Decoded> {
-        let ZKind::Pcluster {
-            src,
-            plen,
-            format,
-            partial,
-        } = ext.kind
-        else {
-            return Err(zc(inode, "not a pcluster"));
-        };
+        let (src, plen, format, partial) = pcluster_of(inode, ext)?;
         if plen > PCLUSTER_MAX_SIZE as u64 || ext.llen > PCLUSTER_MAX_DSIZE as u64 {
             return Err(Error::Incompatible(format!(
                 "nid {}: pcluster of {plen} bytes decoding to {} bytes is over the format's limits",
@@ -945,15 +950,7 @@ impl Image {
         raw: &mut Vec<u8>,
         out: &mut [u8],
     ) -> Result<()> {
-        let ZKind::Pcluster {
-            src,
-            plen,
-            format,
-            partial,
-        } = ext.kind
-        else {
-            return Err(zc(inode, "not a pcluster"));
-        };
+        let (src, plen, format, partial) = pcluster_of(inode, ext)?;
         let bs = self.block_size();
         // Old bytes left in `raw` are overwritten by the exact read below.
         raw.resize(plen as usize, 0);
