@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{IoSlice, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::abi;
@@ -58,9 +58,11 @@ const CHUNK: usize = 256 * 1024;
 
 /// One regular file of a listing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Listed {
-    ino: u64,
-    size: u64,
+pub(crate) struct Listed {
+    /// Its inode number.
+    pub ino: u64,
+    /// Its size in bytes.
+    pub size: u64,
 }
 
 /// What is known of one directory's listing and the reads in it.
@@ -257,30 +259,24 @@ pub(crate) fn pusher() -> (Pusher, PushThread) {
 }
 
 impl Pusher {
-    /// A READDIRPLUS page of `dir` was answered with these entries:
-    /// (inode, whether a regular file, size).
-    pub fn listed(&self, dir: u64, offset: u64, next_offset: u64, entries: &[(u64, bool, u64)]) {
-        let files: Vec<Listed> = entries
-            .iter()
-            .filter(|e| e.1)
-            .map(|&(ino, _, size)| Listed { ino, size })
-            .collect();
-        lock(&self.tracker).listed(dir, offset, next_offset, &files);
+    /// A READDIRPLUS page of `dir` from `offset` to `next_offset` was
+    /// answered, listing these regular files.
+    pub fn listed(&self, dir: u64, offset: u64, next_offset: u64, files: &[Listed]) {
+        lock(&self.tracker).listed(dir, offset, next_offset, files);
     }
 
     /// A READ of `ino` at `offset` was answered.
     pub fn read(&self, ino: u64, offset: u64) {
-        let window = lock(&self.tracker).read(ino, offset);
-        self.send(window);
-    }
-
-    fn send(&self, window: Option<Window>) {
-        let Some(window) = window else { return };
-        match self.windows.try_send(window) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
-            // Busy: this window is dropped, the reader is never held up.
-            Err(TrySendError::Full(_)) => {}
+        // Only the start of a file moves a stream (see Tracker::read).
+        if offset != 0 {
+            return;
         }
+        let Some(window) = lock(&self.tracker).read(ino, offset) else {
+            return;
+        };
+        // When the thread is busy this window is dropped: the reader is
+        // never held up. (Disconnected: the session is ending.)
+        let _ = self.windows.try_send(window);
     }
 }
 

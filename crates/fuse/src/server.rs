@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::abi::{self, init_flags, opcode, Attr, Cursor, InHeader};
 use crate::filesystem::{DirItem, Filesystem, FsError};
-use crate::push::{self, PushThread, Pusher};
+use crate::push::{self, Listed, PushThread, Pusher};
 
 /// The largest READ we accept: 256 pages of 4 KiB (`max_pages`).
 pub const MAX_PAGES: u16 = 256;
@@ -707,8 +707,12 @@ impl Worker {
                         let a = self.fix_attr(a);
                         let nodeid = self.nodeid_of(a.ino)?;
                         abi::encode_entry(&mut self.out, nodeid, &a, TIMEOUT_SECS);
-                        let regular = a.mode & libc::S_IFMT == libc::S_IFREG;
-                        listed.push((a.ino, regular, a.size));
+                        if self.shared.pusher.is_some() && a.mode & libc::S_IFMT == libc::S_IFREG {
+                            listed.push(Listed {
+                                ino: a.ino,
+                                size: a.size,
+                            });
+                        }
                     }
                     None => abi::encode_entry(&mut self.out, 0, &Attr::default(), 0),
                 }
