@@ -186,20 +186,11 @@ fn mount_with(
     args: &[&str],
     mountpoint: &Path,
 ) -> Result<MountGuard, String> {
-    let mut cmd = Command::new(bin());
-    cmd.arg("mount").args(args);
+    let mut all: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
     for d in devices {
-        cmd.arg("--device").arg(d);
+        all.extend(["--device".as_ref(), d.as_os_str()]);
     }
-    let out = cmd
-        .arg(image)
-        .arg(mountpoint)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let guard = MountGuard {
-        mountpoint: mountpoint.canonicalize().unwrap(),
-    };
+    let (out, guard) = run_mount(all, image, mountpoint);
     if !out.status.success() {
         return Err(format!(
             "mount failed ({}): {}",
@@ -212,6 +203,27 @@ fn mount_with(
         "mount returned 0 but nothing is mounted"
     );
     Ok(guard)
+}
+
+/// `immount mount ARGS IMAGE MOUNTPOINT` run to its end, whatever it
+/// says, with a guard that undoes any mount it made.
+fn run_mount<S: AsRef<std::ffi::OsStr>>(
+    args: impl IntoIterator<Item = S>,
+    image: &Path,
+    mountpoint: &Path,
+) -> (std::process::Output, MountGuard) {
+    let out = Command::new(bin())
+        .arg("mount")
+        .args(args)
+        .arg(image)
+        .arg(mountpoint)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let guard = MountGuard {
+        mountpoint: mountpoint.canonicalize().unwrap(),
+    };
+    (out, guard)
 }
 
 fn umount(mountpoint: &Path) {
@@ -780,16 +792,7 @@ fn trusted_xattrs_are_hidden_from_plain_users_like_the_kernel() {
     let Some(kernel) = kernel_mount(&image, &kdir.0) else {
         return;
     };
-    let mut cmd = Command::new(bin());
-    let out = cmd
-        .args(["mount", "-o", "allow_other"])
-        .arg(&image)
-        .arg(&fdir.0)
-        .output()
-        .unwrap();
-    let ours = MountGuard {
-        mountpoint: fdir.0.canonicalize().unwrap(),
-    };
+    let (out, ours) = run_mount(["-o", "allow_other"], &image, &fdir.0);
     assert!(
         out.status.success(),
         "{}",
@@ -1020,15 +1023,8 @@ fn the_server_is_confined_and_its_supervisor_cleans_up() {
     let dir = TempDir::new("sandbox");
     let mp = dir.0.join("mnt");
     std::fs::create_dir(&mp).unwrap();
-    let out = Command::new(bin())
-        .args(["mount", "--sandbox-report"])
-        .arg(corpus_dir().join("images/plain.erofs"))
-        .arg(&mp)
-        .output()
-        .unwrap();
-    let guard = MountGuard {
-        mountpoint: mp.canonicalize().unwrap(),
-    };
+    let image = corpus_dir().join("images/plain.erofs");
+    let (out, guard) = run_mount(["--sandbox-report"], &image, &mp);
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
     assert!(report.contains("seccomp"), "no sandbox report: {report}");
@@ -1140,15 +1136,8 @@ fn no_sandbox_serves_unconfined() {
     let dir = TempDir::new("nosandbox");
     let mp = dir.0.join("mnt");
     std::fs::create_dir(&mp).unwrap();
-    let out = Command::new(bin())
-        .args(["mount", "--no-sandbox"])
-        .arg(corpus_dir().join("images/plain.erofs"))
-        .arg(&mp)
-        .output()
-        .unwrap();
-    let guard = MountGuard {
-        mountpoint: mp.canonicalize().unwrap(),
-    };
+    let image = corpus_dir().join("images/plain.erofs");
+    let (out, guard) = run_mount(["--no-sandbox"], &image, &mp);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("warning"), "no warning: {stderr}");
