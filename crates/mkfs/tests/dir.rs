@@ -7,14 +7,6 @@ mod common;
 
 use common::*;
 
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("skipped: needs root to mount");
-        return true;
-    }
-    false
-}
-
 #[test]
 fn plain_tree_matches_kernel_and_is_reproducible() {
     if skip() {

@@ -8,14 +8,6 @@ use std::path::Path;
 
 use common::*;
 
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("skipped: needs root to mount");
-        return true;
-    }
-    false
-}
-
 /// The corpus tar (PAX xattrs, hard links, devices, long names): the kernel
 /// shows exactly what it showed for mkfs.erofs --tar=f's image.
 #[test]

@@ -16,6 +16,16 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// True, after saying so, when a test that mounts must be skipped (not
+/// root).
+pub fn skip() -> bool {
+    if !is_root() {
+        eprintln!("skipped: needs root to mount");
+        return true;
+    }
+    false
+}
+
 /// Generate the corpus tree into `dest` (must not exist).
 pub fn gen_tree(dest: &Path) {
     let st = Command::new(format!("{CORPUS}/gen_tree.py"))
