@@ -386,9 +386,11 @@ impl Ahead {
                 let Ok(job) = job_rx.recv() else { return };
                 match sys::fork_from_waited_thread() {
                     Ok(Some(pid)) => {
-                        // Our copies of the server's descriptors close here.
-                        drop(job);
+                        // The supervisor first; then our copies of the
+                        // server's descriptors close here (the ready pipe's
+                        // among them: the child reports only after a while).
                         let _ = forked_tx.send(Ok(pid));
+                        drop(job);
                     }
                     Ok(None) => run_server(job, Some(prepared)),
                     Err(e) => {
@@ -411,6 +413,13 @@ impl Ahead {
     /// ended, the usual way.
     fn fork_server(self, job: Job) -> Result<u32, ForkError> {
         let ended = "the confining thread ended early";
+        // The fork copies the confine thread alone: no other thread but
+        // this one (waiting below) may exist, or it could hold a lock the
+        // child needs. Counted now, while the thread may still be
+        // preparing (it is alive until it has the job, or has failed to
+        // prepare, which the answer below says), and where /proc is still
+        // in sight; no thread starts between here and the fork.
+        let threads = thread_count();
         match self.prepared.recv() {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => {
@@ -424,10 +433,7 @@ impl Ahead {
             }
             Err(_) => return Err((job.notifier, MountError::usage(ended.to_owned()))),
         }
-        // The fork copies the confine thread alone: no other thread but
-        // this one (waiting below) may exist, or it could hold a lock the
-        // child needs. Counted here, where /proc is still in sight.
-        match std::fs::read_dir("/proc/self/task").map(Iterator::count) {
+        match threads {
             Ok(2) => {}
             Ok(n) => {
                 let msg = format!("cannot start the confined server: {n} threads, 2 expected");
@@ -448,6 +454,18 @@ impl Ahead {
         let _ = self.thread.join();
         outcome
     }
+}
+
+/// The threads of this process. One `stat`: the link count of
+/// `/proc/self/task` is 2 plus the threads (the kernel adds them in
+/// `proc_task_getattr`); when it does not say 2 threads, the entries are
+/// counted one by one, which decides.
+fn thread_count() -> std::io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self/task")?.nlink() == 4 {
+        return Ok(2);
+    }
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
 }
 
 /// Report ready and serve until unmounted (the mount itself is held by

@@ -198,6 +198,26 @@ pub(crate) struct Filters {
     pub syscalls: usize,
     /// Syscalls allowed only with some argument values.
     pub conditional: usize,
+    /// The instruction comparing `tgkill`'s first argument with our own
+    /// pid (`None` when an extra syscall widened `tgkill` to any
+    /// arguments), so that a program built before a fork can name the pid
+    /// of the child that installs it.
+    pid_at: Option<usize>,
+}
+
+/// Stands for the server's pid in a program built before its fork: above
+/// `PID_MAX_LIMIT` (2^22), so never a real pid, and used by no other rule
+/// (`build_for_any_pid` checks it appears once).
+const PID_PLACEHOLDER: u32 = 0x7fff_fffe;
+
+impl Filters {
+    /// Makes the `tgkill` rule name `pid` (the process that installs the
+    /// program).
+    pub(crate) fn set_pid(&mut self, pid: u32) {
+        if let Some(at) = self.pid_at {
+            self.program[at].k = pid;
+        }
+    }
 }
 
 fn cond(
@@ -508,20 +528,45 @@ fn assemble(
     Ok(program)
 }
 
-/// Builds the program.
+/// Builds the program for process `own_pid`.
+#[cfg(test)]
 pub(crate) fn build(
     allow_threads: bool,
     extra: &[i64],
     own_pid: u32,
 ) -> Result<Filters, SandboxError> {
+    let mut filters = build_for_any_pid(allow_threads, extra)?;
+    filters.set_pid(own_pid);
+    Ok(filters)
+}
+
+/// Builds the program with the pid left open: [`Filters::set_pid`] fills
+/// it in, in the process that installs it. (Building takes tens of µs,
+/// which the sandbox spends before the fork, off the mount's path.)
+pub(crate) fn build_for_any_pid(
+    allow_threads: bool,
+    extra: &[i64],
+) -> Result<Filters, SandboxError> {
     let audit_arch = AUDIT_ARCH.ok_or(SandboxError::UnsupportedArch(ARCH))?;
-    let (map, conditional) = rule_map(allow_threads, extra, own_pid)?;
+    let (map, conditional) = rule_map(allow_threads, extra, PID_PLACEHOLDER)?;
     let syscalls = map.len();
     let program = assemble(audit_arch, map)?;
+    let mut slots = program
+        .iter()
+        .enumerate()
+        .filter(|(_, ins)| ins.code == BPF_JMP_JEQ_K && ins.k == PID_PLACEHOLDER)
+        .map(|(at, _)| at);
+    let pid_at = slots.next();
+    if slots.next().is_some() {
+        return Err(SandboxError::Seccomp(
+            "the pid placeholder appears twice in the program".into(),
+        ));
+    }
     Ok(Filters {
         program,
         syscalls,
         conditional,
+        pid_at,
     })
 }
 
@@ -715,6 +760,40 @@ mod tests {
             let (other, _) = run(&ours, arch ^ 1, libc::SYS_read as u32, [0; 6]);
             assert_eq!(other, libc::SECCOMP_RET_KILL_PROCESS);
         }
+    }
+
+    /// A program built before the fork and given its pid afterwards is the
+    /// program built with that pid, and the rule then allows `tgkill` to
+    /// that pid only.
+    #[test]
+    fn the_pid_filled_in_later_is_the_pid_built_in() {
+        let arch = AUDIT_ARCH.expect("a supported architecture");
+        for allow_threads in [true, false] {
+            let mut later = build_for_any_pid(allow_threads, &[]).expect("builds");
+            assert!(later.pid_at.is_some(), "tgkill names the pid");
+            later.set_pid(4242);
+            let (map, _) = rule_map(allow_threads, &[], 4242).expect("rules");
+            let direct = assemble(arch, map).expect("assembles");
+            let fields = |p: &[libc::sock_filter]| -> Vec<(u16, u8, u8, u32)> {
+                p.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect()
+            };
+            assert_eq!(fields(&later.program), fields(&direct));
+            let tgkill = libc::SYS_tgkill as u32;
+            let (own, _) = run(&later.program, arch, tgkill, [4242, 1, 6, 0, 0, 0]);
+            assert_eq!(own, libc::SECCOMP_RET_ALLOW);
+            let (other, _) = run(&later.program, arch, tgkill, [4243, 1, 6, 0, 0, 0]);
+            assert_eq!(other, libc::SECCOMP_RET_TRAP);
+            let (placeholder, _) = run(
+                &later.program,
+                arch,
+                tgkill,
+                [u64::from(PID_PLACEHOLDER), 1, 6, 0, 0, 0],
+            );
+            assert_eq!(placeholder, libc::SECCOMP_RET_TRAP);
+        }
+        // tgkill widened to any arguments: no pid to fill in.
+        let wide = build_for_any_pid(true, &[libc::SYS_tgkill]).expect("builds");
+        assert_eq!(wide.pid_at, None);
     }
 
     #[test]
