@@ -417,6 +417,15 @@ enum Target {
 enum Op {
     Ins(libc::sock_filter),
     Goto(Target),
+    /// `JEQ nr`: to `on_match` when equal, else to `otherwise` (`None`: the
+    /// next instruction). One instruction instead of a `JEQ` and a `JA`,
+    /// but its offsets must fit in a byte: used for the three answers
+    /// placed right after the search, when the search is short enough.
+    Branch {
+        nr: u32,
+        on_match: Target,
+        otherwise: Option<Target>,
+    },
 }
 
 fn too_big(what: &str) -> SandboxError {
@@ -425,12 +434,34 @@ fn too_big(what: &str) -> SandboxError {
 
 /// The binary search over `entries` (sorted by number), the syscall number
 /// in the accumulator: `JGE` on the middle number, the upper half first.
+/// A leaf jumps straight to the answers after the search (see
+/// [`Op::Branch`]), which keeps the program about a third shorter: the
+/// kernel's work to attach it (translating and compiling it) grows with
+/// its length, and that work is on the mount's path.
 fn search(entries: &[(u32, Target)]) -> Result<Vec<Op>, SandboxError> {
     if entries.len() <= LEAF_SIZE {
         let mut ops = Vec::with_capacity(entries.len() * 2 + 1);
-        for &(nr, target) in entries {
-            ops.push(Op::Ins(jump(BPF_JMP_JEQ_K, nr, 0, 1)));
-            ops.push(Op::Goto(target));
+        let direct = |target: Target| !matches!(target, Target::Rules(_));
+        for (i, &(nr, target)) in entries.iter().enumerate() {
+            let last = i + 1 == entries.len();
+            if direct(target) && last {
+                ops.push(Op::Branch {
+                    nr,
+                    on_match: target,
+                    otherwise: Some(Target::Trap),
+                });
+                return Ok(ops);
+            }
+            if direct(target) {
+                ops.push(Op::Branch {
+                    nr,
+                    on_match: target,
+                    otherwise: None,
+                });
+            } else {
+                ops.push(Op::Ins(jump(BPF_JMP_JEQ_K, nr, 0, 1)));
+                ops.push(Op::Goto(target));
+            }
         }
         ops.push(Op::Goto(Target::Trap));
         return Ok(ops);
@@ -488,6 +519,8 @@ fn assemble(
         Op::Ins(stmt(BPF_RET_K, libc::SECCOMP_RET_KILL_PROCESS)),
         Op::Ins(stmt(BPF_LD_W_ABS, DATA_NR)),
     ];
+    // Every leaf reaches the answers in a one-byte jump, or the program
+    // is refused as too large (see `Op::Branch`).
     ops.extend(search(&entries)?);
     let allow_at = ops.len();
     let enosys_at = allow_at + 1;
@@ -503,19 +536,33 @@ fn assemble(
     }
     let errno = u32::try_from(libc::ENOSYS).unwrap_or(38);
     let mut program = Vec::with_capacity(end);
+    let place = |target: Target| match target {
+        Target::Allow => allow_at,
+        Target::Enosys => enosys_at,
+        Target::Trap => trap_at,
+        Target::Rules(n) => block_at[n],
+    };
     for (at, op) in ops.into_iter().enumerate() {
+        // Forward only: every target lies after the search.
+        let offset = |target: Target| place(target) - at - 1;
         program.push(match op {
             Op::Ins(ins) => ins,
             Op::Goto(target) => {
-                let to = match target {
-                    Target::Allow => allow_at,
-                    Target::Enosys => enosys_at,
-                    Target::Trap => trap_at,
-                    Target::Rules(n) => block_at[n],
-                };
-                // Forward only: every target lies after the search.
-                let offset = u32::try_from(to - at - 1).map_err(|_| too_big("jump"))?;
+                let offset = u32::try_from(offset(target)).map_err(|_| too_big("jump"))?;
                 stmt(BPF_JMP_JA, offset)
+            }
+            Op::Branch {
+                nr,
+                on_match,
+                otherwise,
+            } => {
+                let short = |offset: usize| u8::try_from(offset).map_err(|_| too_big("branch"));
+                let jt = short(offset(on_match))?;
+                let jf = match otherwise {
+                    Some(target) => short(offset(target))?,
+                    None => 0,
+                };
+                jump(BPF_JMP_JEQ_K, nr, jt, jf)
             }
         });
     }
@@ -794,6 +841,46 @@ mod tests {
         // tgkill widened to any arguments: no pid to fill in.
         let wide = build_for_any_pid(true, &[libc::SYS_tgkill]).expect("builds");
         assert_eq!(wide.pid_at, None);
+    }
+
+    /// The leaves of the search reach the answers without a `JA`; a list
+    /// too long for one-byte jumps is refused with an error.
+    #[test]
+    fn compact_layout() {
+        let default = build(true, &[], 7).expect("builds");
+        // The search: from the syscall number's load to the first answer.
+        let end = default
+            .program
+            .iter()
+            .position(|i| i.code == BPF_RET_K && i.k == libc::SECCOMP_RET_ALLOW)
+            .expect("an allow");
+        let jas = default.program[4..end]
+            .iter()
+            .filter(|i| i.code == BPF_JMP_JA)
+            .count();
+        // Only the leaves of conditional syscalls jump with a JA (to their
+        // rules, and to "trap" after such a leaf).
+        assert!(jas <= 2 * default.conditional, "{jas} JA instructions");
+        // 263 with a JEQ and a JA per leaf entry.
+        assert!(
+            default.program.len() < 230,
+            "{} instructions",
+            default.program.len()
+        );
+        let many: Vec<i64> = (0..450)
+            .filter(|&nr| nr != DIE_SYSCALL && !default_allows(nr))
+            .collect();
+        let err = build(true, &many, 7).expect_err("too many for one-byte jumps");
+        assert!(err.to_string().contains("too large"), "{err}");
+    }
+
+    fn default_allows(nr: i64) -> bool {
+        ALLOWED.contains(&nr)
+            || nr == libc::SYS_clone3
+            || conditional_rules(true, 7)
+                .expect("rules")
+                .iter()
+                .any(|(n, _)| *n == nr)
     }
 
     #[test]
