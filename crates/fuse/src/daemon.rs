@@ -15,9 +15,10 @@
 //!    started later);
 //! 2. as root with the sandbox on, start the "confine" thread, which makes
 //!    the server's network, IPC and mount namespaces and its empty root for
-//!    itself alone (`sandbox::prepare_ahead`) while the main thread goes on:
-//!    they are the slow part of the confinement (about 0.8 ms of 1.1), and
-//!    so cost the mount no time;
+//!    itself alone, then drops its own capabilities, sets `no_new_privs`
+//!    and enters its landlock domain, and builds the seccomp program
+//!    (`sandbox::prepare_ahead`), while the main thread goes on: most of
+//!    the confinement's work, which so costs the mount no time;
 //! 3. open the image and its devices (a bad image fails here, exit code 1);
 //! 4. mount (directly, or through fusermount3) and answer INIT; open the
 //!    `/dev/fuse` clones of the worker threads;
@@ -348,10 +349,13 @@ fn run_server(job: Job, prepared: Option<sandbox::Prepared>) -> ! {
 }
 
 /// The pre-confining thread, started as root (see `sandbox::prepare_ahead`):
-/// it makes the server's namespaces and empty root while the main thread
-/// opens the image and mounts, then waits for the server's [`Job`] and
-/// forks the server from itself, so that the child is born in them. The
-/// main thread meanwhile only waits for the child's pid.
+/// it makes the server's namespaces and empty root and confines itself as
+/// far as a thread's own state goes (capabilities, `no_new_privs`,
+/// landlock) while the main thread opens the image and mounts, then waits
+/// for the server's [`Job`] and forks the server from itself, so that the
+/// child is born in them and with them. The main thread, which keeps root
+/// and its capabilities for the supervisor, meanwhile only waits for the
+/// child's pid.
 struct Ahead {
     prepared: std::sync::mpsc::Receiver<Result<bool, String>>,
     jobs: std::sync::mpsc::SyncSender<Job>,
