@@ -15,9 +15,10 @@
 //!    started later);
 //! 2. as root with the sandbox on, start the "confine" thread, which makes
 //!    the server's network, IPC and mount namespaces and its empty root for
-//!    itself alone (`sandbox::prepare_ahead`) while the main thread goes on:
-//!    they are the slow part of the confinement (about 0.8 ms of 1.1), and
-//!    so cost the mount no time;
+//!    itself alone, then drops its own capabilities, sets `no_new_privs`
+//!    and enters its landlock domain, and builds the seccomp program
+//!    (`sandbox::prepare_ahead`), while the main thread goes on: most of
+//!    the confinement's work, which so costs the mount no time;
 //! 3. open the image and its devices (a bad image fails here, exit code 1);
 //! 4. mount (directly, or through fusermount3) and answer INIT; open the
 //!    `/dev/fuse` clones of the worker threads;
@@ -352,10 +353,13 @@ fn run_server(job: Job, prepared: Option<sandbox::Prepared>) -> ! {
 }
 
 /// The pre-confining thread, started as root (see `sandbox::prepare_ahead`):
-/// it makes the server's namespaces and empty root while the main thread
-/// opens the image and mounts, then waits for the server's [`Job`] and
-/// forks the server from itself, so that the child is born in them. The
-/// main thread meanwhile only waits for the child's pid.
+/// it makes the server's namespaces and empty root and confines itself as
+/// far as a thread's own state goes (capabilities, `no_new_privs`,
+/// landlock) while the main thread opens the image and mounts, then waits
+/// for the server's [`Job`] and forks the server from itself, so that the
+/// child is born in them and with them. The main thread, which keeps root
+/// and its capabilities for the supervisor, meanwhile only waits for the
+/// child's pid.
 struct Ahead {
     prepared: std::sync::mpsc::Receiver<Result<bool, String>>,
     jobs: std::sync::mpsc::SyncSender<Job>,
@@ -390,9 +394,11 @@ impl Ahead {
                 let Ok(job) = job_rx.recv() else { return };
                 match sys::fork_from_waited_thread() {
                     Ok(Some(pid)) => {
-                        // Our copies of the server's descriptors close here.
-                        drop(job);
+                        // The supervisor first; then our copies of the
+                        // server's descriptors close here (the ready pipe's
+                        // among them: the child reports only after a while).
                         let _ = forked_tx.send(Ok(pid));
+                        drop(job);
                     }
                     Ok(None) => run_server(job, Some(prepared)),
                     Err(e) => {
@@ -415,6 +421,13 @@ impl Ahead {
     /// ended, the usual way.
     fn fork_server(self, job: Job) -> Result<u32, ForkError> {
         let ended = "the confining thread ended early";
+        // The fork copies the confine thread alone: no other thread but
+        // this one (waiting below) may exist, or it could hold a lock the
+        // child needs. Counted now, while the thread may still be
+        // preparing (it is alive until it has the job, or has failed to
+        // prepare, which the answer below says), and where /proc is still
+        // in sight; no thread starts between here and the fork.
+        let threads = thread_count();
         match self.prepared.recv() {
             Ok(Ok(true)) => {}
             Ok(Ok(false)) => {
@@ -428,10 +441,7 @@ impl Ahead {
             }
             Err(_) => return Err((job.notifier, MountError::usage(ended.to_owned()))),
         }
-        // The fork copies the confine thread alone: no other thread but
-        // this one (waiting below) may exist, or it could hold a lock the
-        // child needs. Counted here, where /proc is still in sight.
-        match std::fs::read_dir("/proc/self/task").map(Iterator::count) {
+        match threads {
             Ok(2) => {}
             Ok(n) => {
                 let msg = format!("cannot start the confined server: {n} threads, 2 expected");
@@ -452,6 +462,18 @@ impl Ahead {
         let _ = self.thread.join();
         outcome
     }
+}
+
+/// The threads of this process. One `stat`: the link count of
+/// `/proc/self/task` is 2 plus the threads (the kernel adds them in
+/// `proc_task_getattr`); when it does not say 2 threads, the entries are
+/// counted one by one, which decides.
+fn thread_count() -> std::io::Result<usize> {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self/task")?.nlink() == 4 {
+        return Ok(2);
+    }
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
 }
 
 /// Report ready and serve until unmounted (the mount itself is held by

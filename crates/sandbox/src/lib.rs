@@ -39,22 +39,34 @@
 //! 3. namespaces: network, IPC and mount (as root directly, otherwise in a
 //!    user namespace), the root replaced by an empty read-only tmpfs;
 //! 4. capability bounding and ambient sets emptied (needs `CAP_SETPCAP`,
-//!    so before the identity change);
-//! 5. identity, as root: `setgroups([])`, `setresgid`, `setresuid`,
+//!    so before the capabilities go);
+//! 5. every capability dropped but `CAP_SETUID`, `CAP_SETGID` (for the
+//!    identity switch) and `CAP_SYS_RESOURCE` (for the limits, when they run
+//!    later: see below);
+//! 6. `no_new_privs`;
+//! 7. landlock: every filesystem and network right handled, every scope,
+//!    no rule (best ABI the kernel offers); it does not stop the calls of
+//!    the steps left;
+//! 8. identity, as root: `setgroups([])`, `setresgid`, `setresuid`,
 //!    process-wide; skipped, with one log line, when a user namespace maps
 //!    no such uid or gid (`unshare -Ur`), and every other step still runs;
-//! 6. `RLIMIT_NPROC` = 0 when no threads are wanted (after the uid change:
+//! 9. `RLIMIT_NPROC` = 0 when no threads are wanted (after the uid change:
 //!    the limit counts the tasks of the real uid);
-//! 7. the remaining capability sets emptied;
-//! 8. `PR_SET_DUMPABLE` 0 (after the identity change, which resets it);
-//! 9. `no_new_privs`;
-//! 10. landlock: every filesystem and network right handled, every scope,
-//!     no rule (best ABI the kernel offers);
-//! 11. seccomp last, because it forbids the calls above.
+//! 10. the remaining capabilities dropped;
+//! 11. `PR_SET_DUMPABLE` 0 (after the identity change, which resets it);
+//! 12. seccomp last, because it forbids the calls above; its BPF program
+//!     is built with step 4, its pid filled in here.
 //!
-//! With [`prepare_ahead`], step 3 (and the reading of `/proc` the later
-//! steps need) runs first, on the preparing thread; the forked child then
-//! runs steps 1, 2 and 4 to 11.
+//! With [`prepare_ahead`], steps 3 to 7 (and the reading of `/proc` the
+//! later steps need) run first, on the preparing thread: each of them
+//! changes only that thread's state (namespaces as root, capability sets,
+//! `no_new_privs`, the landlock domain), which a fork passes on, and the
+//! rest of the process (as root, the future supervisor) keeps its own. The
+//! forked child then runs steps 1, 2 and 8 to 12, the per-process ones and
+//! those that need its pid: what is left on the mount's path is short.
+//! The identity switch stays in the child on purpose: a thread of the
+//! mounting root process running as "nobody" could be signalled (stopped,
+//! killed) by any other process of that uid for as long as the mount takes.
 //!
 //! # When seccomp stops a syscall
 //!
@@ -646,18 +658,20 @@ pub fn apply(cfg: &SandboxConfig) -> Result<SandboxReport, SandboxError> {
 
     // 3. Namespaces and the empty root.
     let made = namespaces::enter(facts.euid, facts.egid, &mut laps)?;
-    finish(cfg, facts, made, laps)
+    let locked = lock_down_thread(cfg, &made, facts.last_cap, false, &mut laps)?;
+    finish(cfg, &facts.identity_plan, made, locked, laps)
 }
 
 /// What [`prepare_ahead`] did on its thread, for [`apply_prepared`] in the
 /// process forked from that thread.
 #[derive(Debug)]
 pub struct Prepared {
-    facts: Facts,
+    identity_plan: IdentityPlan,
     /// `/dev/null`, opened while it still could be, for the standard
     /// streams not kept.
     null: std::fs::File,
     made: namespaces::Made,
+    locked: LockedDown,
     laps: Laps,
 }
 
@@ -665,12 +679,16 @@ pub struct Prepared {
 /// on a thread of its own while the process still mounts, so that it costs
 /// the mount no time: `/proc` read, then new network, IPC and mount
 /// namespaces and the empty root, which are per thread as root (no user
-/// namespace is needed, and only a user namespace requires a lone thread).
+/// namespace is needed, and only a user namespace requires a lone thread),
+/// then the per-thread steps 4 to 7 (capabilities, `no_new_privs`,
+/// landlock) and the seccomp program built (see the crate docs).
 ///
 /// The thread must then fork (the child, a copy of this thread alone, lives
 /// in these namespaces) and the child call [`apply_prepared`] for the rest;
 /// or the thread ends, and what it made goes with it. The rest of the
-/// process is untouched: its namespaces and root are not the thread's.
+/// process is untouched: its namespaces, root, capabilities and landlock
+/// domain are not the thread's. The thread keeps root's uid until the fork
+/// (the child switches).
 /// Made before the FUSE mount, the mount namespace never holds a copy of it.
 ///
 /// `Ok(None)`: nothing done, because not root or the namespaces cannot be
@@ -692,10 +710,12 @@ pub fn prepare_ahead(cfg: &SandboxConfig) -> Result<Option<Prepared>, SandboxErr
     let Some(made) = namespaces::enter_as_root_thread(&mut laps)? else {
         return Ok(None);
     };
+    let locked = lock_down_thread(cfg, &made, facts.last_cap, true, &mut laps)?;
     Ok(Some(Prepared {
-        facts,
+        identity_plan: facts.identity_plan,
         null,
         made,
+        locked,
         laps,
     }))
 }
@@ -709,14 +729,15 @@ pub fn apply_prepared(
     prepared: Prepared,
 ) -> Result<SandboxReport, SandboxError> {
     let Prepared {
-        facts,
+        identity_plan,
         null,
         made,
+        locked,
         mut laps,
     } = prepared;
     laps.last = Instant::now();
     close_and_limit(cfg, Some(null), &mut laps)?;
-    finish(cfg, facts, made, laps)
+    finish(cfg, &identity_plan, made, locked, laps)
 }
 
 fn check_config(cfg: &SandboxConfig) -> Result<(), SandboxError> {
@@ -792,28 +813,40 @@ fn close_and_limit(
     Ok(())
 }
 
-/// Steps 4 to 11, the same whichever way the namespaces were made.
-fn finish(
+/// Capabilities that the steps after [`lock_down_thread`] still need, in
+/// the process that runs them: to switch identity, and to set the limits
+/// whatever they were before (as root: they may be raised too). Step 10
+/// drops them.
+fn capabilities_for_late_steps() -> rustix::thread::CapabilitySet {
+    use rustix::thread::CapabilitySet;
+    CapabilitySet::SETUID | CapabilitySet::SETGID | CapabilitySet::SYS_RESOURCE
+}
+
+/// What [`lock_down_thread`] did, for [`finish`].
+#[derive(Debug)]
+struct LockedDown {
+    /// The seccomp program, the pid still to fill in.
+    filters: seccomp::Filters,
+    bounding_set: Step,
+    landlock: LandlockReport,
+}
+
+/// The steps whose state is the calling thread's and is inherited by a
+/// fork: the BPF program built, steps 4 to 7 of the crate docs. As
+/// root they run ahead on the preparing thread, off the mount's path;
+/// otherwise in the process that confines itself, before [`finish`].
+/// (`ahead`: on the preparing thread, which the report's laps say.)
+fn lock_down_thread(
     cfg: &SandboxConfig,
-    facts: Facts,
-    made: namespaces::Made,
-    mut laps: Laps,
-) -> Result<SandboxReport, SandboxError> {
-    let Facts {
-        last_cap,
-        identity_plan,
-        ..
-    } = facts;
-    let keep = kept_fds(cfg);
-    let mut rlimits = vec![
-        ("RLIMIT_NOFILE", Some(cfg.max_open_files)),
-        ("RLIMIT_CORE", Some(0)),
-        ("RLIMIT_DATA", cfg.memory_limit),
-    ];
-    // Built here, in the process that installs it: a rule names its pid.
-    let own_pid = rustix::process::getpid().as_raw_pid().unsigned_abs();
-    let filters = seccomp::build(cfg.allow_threads, &cfg.extra_syscalls, own_pid)?;
-    laps.lap("BPF build");
+    made: &namespaces::Made,
+    last_cap: u32,
+    ahead: bool,
+    laps: &mut Laps,
+) -> Result<LockedDown, SandboxError> {
+    let name = |here: &'static str, there: &'static str| if ahead { there } else { here };
+    // The pid is filled in by the process that installs it (see finish).
+    let filters = seccomp::build_for_any_pid(cfg.allow_threads, &cfg.extra_syscalls)?;
+    laps.lap(name("BPF build", "BPF build (ahead)"));
 
     // 4. Bounding and ambient sets, while CAP_SETPCAP is still held (as
     //    root, or by anyone in the new user namespace).
@@ -828,12 +861,68 @@ fn finish(
         Err(e) => Step::Skipped(format!("no CAP_SETPCAP: {e}")),
     };
 
-    // 5. Identity, process-wide. Root of a user namespace that maps only
+    // 5. Every capability but those the identity switch and the limits
+    //    need (the per-thread call; the rest of the process, as
+    // root the future supervisor, keeps its own).
+    let held =
+        rustix::thread::capabilities(None).map_err(|e| SandboxError::Capabilities(e.into()))?;
+    let keep = held.permitted & capabilities_for_late_steps();
+    rustix::thread::set_capabilities(
+        None,
+        rustix::thread::CapabilitySets {
+            effective: keep,
+            permitted: keep,
+            inheritable: rustix::thread::CapabilitySet::empty(),
+        },
+    )
+    .map_err(|e| SandboxError::Capabilities(e.into()))?;
+
+    // 6. no_new_privs (landlock and seccomp need it unprivileged anyway).
+    rustix::thread::set_no_new_privs(true).map_err(|e| SandboxError::NoNewPrivs(e.into()))?;
+    laps.lap(name(
+        "bounding set, capabilities, no_new_privs",
+        "bounding set, capabilities, no_new_privs (ahead)",
+    ));
+
+    // 7. Landlock (it does not stop the calls of the steps left).
+    let landlock = landlock_step()?;
+    laps.lap(name("landlock", "landlock (ahead)"));
+    Ok(LockedDown {
+        filters,
+        bounding_set,
+        landlock,
+    })
+}
+
+/// The steps left after [`lock_down_thread`], which need the process that
+/// will serve (its pid, its limits, its memory): steps 8 to 12.
+fn finish(
+    cfg: &SandboxConfig,
+    identity_plan: &IdentityPlan,
+    made: namespaces::Made,
+    locked: LockedDown,
+    mut laps: Laps,
+) -> Result<SandboxReport, SandboxError> {
+    let LockedDown {
+        mut filters,
+        bounding_set,
+        landlock,
+    } = locked;
+    let keep = kept_fds(cfg);
+    let mut rlimits = vec![
+        ("RLIMIT_NOFILE", Some(cfg.max_open_files)),
+        ("RLIMIT_CORE", Some(0)),
+        ("RLIMIT_DATA", cfg.memory_limit),
+    ];
+    // A rule names the pid of the process that installs the program.
+    filters.set_pid(rustix::process::getpid().as_raw_pid().unsigned_abs());
+
+    // 8. Identity, process-wide. Root of a user namespace that maps only
     //    itself (`unshare -Ur`) has no other uid to become: that one step
     //    is skipped, said in one log line, and every other step still runs
     //    (outside the namespace this "root" is an ordinary user anyway, and
     //    it keeps no capability).
-    let identity = match (&identity_plan, made.privileged) {
+    let identity = match (identity_plan, made.privileged) {
         (_, false) => Step::Skipped("not started as root".into()),
         (IdentityPlan::Impossible(why), true) => {
             let why = format!("{IDENTITY_IMPOSSIBLE}: {why}");
@@ -854,7 +943,7 @@ fn finish(
     };
     let identity_changed = identity == Step::Done;
 
-    // 6. No new processes (threads count as well, hence only without them).
+    // 9. No new processes (threads count as well, hence only without them).
     if cfg.allow_threads {
         rlimits.push(("RLIMIT_NPROC", None));
     } else {
@@ -862,7 +951,8 @@ fn finish(
         rlimits.push(("RLIMIT_NPROC", Some(0)));
     }
 
-    // 7. Every remaining capability.
+    // 10. Every remaining capability (a switch away from root cleared the
+    //    effective and permitted sets already; not so when it was skipped).
     rustix::thread::set_capabilities(
         None,
         rustix::thread::CapabilitySets {
@@ -873,19 +963,11 @@ fn finish(
     )
     .map_err(|e| SandboxError::Capabilities(e.into()))?;
 
-    // 8. Not dumpable: no core, and other processes of the same uid cannot
+    // 11. Not dumpable: no core, and other processes of the same uid cannot
     //    ptrace us or read /proc/PID/mem.
     rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
         .map_err(|e| SandboxError::Dumpable(e.into()))?;
-
-    // 9. no_new_privs (landlock and seccomp need it unprivileged anyway).
-    rustix::thread::set_no_new_privs(true).map_err(|e| SandboxError::NoNewPrivs(e.into()))?;
-
     laps.lap("identity and capabilities");
-
-    // 10. Landlock.
-    let landlock = landlock_step()?;
-    laps.lap("landlock");
 
     // Read for the report while getuid is still allowed.
     let (uid, gid) = (
@@ -893,7 +975,7 @@ fn finish(
         rustix::process::getgid().as_raw(),
     );
 
-    // 11. Seccomp, last.
+    // 12. Seccomp, last.
     immount_sys::sandbox::install_sigsys_reporter(cfg.log_fd.unwrap_or(-1), seccomp::DIE_SYSCALL)
         .map_err(SandboxError::SigsysHandler)?;
     let spec_allow = seccomp::install(&filters)?;

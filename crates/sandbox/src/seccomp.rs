@@ -198,6 +198,26 @@ pub(crate) struct Filters {
     pub syscalls: usize,
     /// Syscalls allowed only with some argument values.
     pub conditional: usize,
+    /// The instruction comparing `tgkill`'s first argument with our own
+    /// pid (`None` when an extra syscall widened `tgkill` to any
+    /// arguments), so that a program built before a fork can name the pid
+    /// of the child that installs it.
+    pid_at: Option<usize>,
+}
+
+/// Stands for the server's pid in a program built before its fork: above
+/// `PID_MAX_LIMIT` (2^22), so never a real pid, and used by no other rule
+/// (`build_for_any_pid` checks it appears once).
+const PID_PLACEHOLDER: u32 = 0x7fff_fffe;
+
+impl Filters {
+    /// Makes the `tgkill` rule name `pid` (the process that installs the
+    /// program).
+    pub(crate) fn set_pid(&mut self, pid: u32) {
+        if let Some(at) = self.pid_at {
+            self.program[at].k = pid;
+        }
+    }
 }
 
 fn cond(
@@ -397,6 +417,15 @@ enum Target {
 enum Op {
     Ins(libc::sock_filter),
     Goto(Target),
+    /// `JEQ nr`: to `on_match` when equal, else to `otherwise` (`None`: the
+    /// next instruction). One instruction instead of a `JEQ` and a `JA`,
+    /// but its offsets must fit in a byte: used for the three answers
+    /// placed right after the search, when the search is short enough.
+    Branch {
+        nr: u32,
+        on_match: Target,
+        otherwise: Option<Target>,
+    },
 }
 
 fn too_big(what: &str) -> SandboxError {
@@ -405,12 +434,34 @@ fn too_big(what: &str) -> SandboxError {
 
 /// The binary search over `entries` (sorted by number), the syscall number
 /// in the accumulator: `JGE` on the middle number, the upper half first.
+/// A leaf jumps straight to the answers after the search (see
+/// [`Op::Branch`]), which keeps the program about a third shorter: the
+/// kernel's work to attach it (translating and compiling it) grows with
+/// its length, and that work is on the mount's path.
 fn search(entries: &[(u32, Target)]) -> Result<Vec<Op>, SandboxError> {
     if entries.len() <= LEAF_SIZE {
         let mut ops = Vec::with_capacity(entries.len() * 2 + 1);
-        for &(nr, target) in entries {
-            ops.push(Op::Ins(jump(BPF_JMP_JEQ_K, nr, 0, 1)));
-            ops.push(Op::Goto(target));
+        let direct = |target: Target| !matches!(target, Target::Rules(_));
+        for (i, &(nr, target)) in entries.iter().enumerate() {
+            let last = i + 1 == entries.len();
+            if direct(target) && last {
+                ops.push(Op::Branch {
+                    nr,
+                    on_match: target,
+                    otherwise: Some(Target::Trap),
+                });
+                return Ok(ops);
+            }
+            if direct(target) {
+                ops.push(Op::Branch {
+                    nr,
+                    on_match: target,
+                    otherwise: None,
+                });
+            } else {
+                ops.push(Op::Ins(jump(BPF_JMP_JEQ_K, nr, 0, 1)));
+                ops.push(Op::Goto(target));
+            }
         }
         ops.push(Op::Goto(Target::Trap));
         return Ok(ops);
@@ -468,6 +519,8 @@ fn assemble(
         Op::Ins(stmt(BPF_RET_K, libc::SECCOMP_RET_KILL_PROCESS)),
         Op::Ins(stmt(BPF_LD_W_ABS, DATA_NR)),
     ];
+    // Every leaf reaches the answers in a one-byte jump, or the program
+    // is refused as too large (see `Op::Branch`).
     ops.extend(search(&entries)?);
     let allow_at = ops.len();
     let enosys_at = allow_at + 1;
@@ -483,19 +536,33 @@ fn assemble(
     }
     let errno = u32::try_from(libc::ENOSYS).unwrap_or(38);
     let mut program = Vec::with_capacity(end);
+    let place = |target: Target| match target {
+        Target::Allow => allow_at,
+        Target::Enosys => enosys_at,
+        Target::Trap => trap_at,
+        Target::Rules(n) => block_at[n],
+    };
     for (at, op) in ops.into_iter().enumerate() {
+        // Forward only: every target lies after the search.
+        let offset = |target: Target| place(target) - at - 1;
         program.push(match op {
             Op::Ins(ins) => ins,
             Op::Goto(target) => {
-                let to = match target {
-                    Target::Allow => allow_at,
-                    Target::Enosys => enosys_at,
-                    Target::Trap => trap_at,
-                    Target::Rules(n) => block_at[n],
-                };
-                // Forward only: every target lies after the search.
-                let offset = u32::try_from(to - at - 1).map_err(|_| too_big("jump"))?;
+                let offset = u32::try_from(offset(target)).map_err(|_| too_big("jump"))?;
                 stmt(BPF_JMP_JA, offset)
+            }
+            Op::Branch {
+                nr,
+                on_match,
+                otherwise,
+            } => {
+                let short = |offset: usize| u8::try_from(offset).map_err(|_| too_big("branch"));
+                let jt = short(offset(on_match))?;
+                let jf = match otherwise {
+                    Some(target) => short(offset(target))?,
+                    None => 0,
+                };
+                jump(BPF_JMP_JEQ_K, nr, jt, jf)
             }
         });
     }
@@ -508,20 +575,45 @@ fn assemble(
     Ok(program)
 }
 
-/// Builds the program.
+/// Builds the program for process `own_pid`.
+#[cfg(test)]
 pub(crate) fn build(
     allow_threads: bool,
     extra: &[i64],
     own_pid: u32,
 ) -> Result<Filters, SandboxError> {
+    let mut filters = build_for_any_pid(allow_threads, extra)?;
+    filters.set_pid(own_pid);
+    Ok(filters)
+}
+
+/// Builds the program with the pid left open: [`Filters::set_pid`] fills
+/// it in, in the process that installs it. (Building takes tens of µs,
+/// which the sandbox spends before the fork, off the mount's path.)
+pub(crate) fn build_for_any_pid(
+    allow_threads: bool,
+    extra: &[i64],
+) -> Result<Filters, SandboxError> {
     let audit_arch = AUDIT_ARCH.ok_or(SandboxError::UnsupportedArch(ARCH))?;
-    let (map, conditional) = rule_map(allow_threads, extra, own_pid)?;
+    let (map, conditional) = rule_map(allow_threads, extra, PID_PLACEHOLDER)?;
     let syscalls = map.len();
     let program = assemble(audit_arch, map)?;
+    let mut slots = program
+        .iter()
+        .enumerate()
+        .filter(|(_, ins)| ins.code == BPF_JMP_JEQ_K && ins.k == PID_PLACEHOLDER)
+        .map(|(at, _)| at);
+    let pid_at = slots.next();
+    if slots.next().is_some() {
+        return Err(SandboxError::Seccomp(
+            "the pid placeholder appears twice in the program".into(),
+        ));
+    }
     Ok(Filters {
         program,
         syscalls,
         conditional,
+        pid_at,
     })
 }
 
@@ -715,6 +807,80 @@ mod tests {
             let (other, _) = run(&ours, arch ^ 1, libc::SYS_read as u32, [0; 6]);
             assert_eq!(other, libc::SECCOMP_RET_KILL_PROCESS);
         }
+    }
+
+    /// A program built before the fork and given its pid afterwards is the
+    /// program built with that pid, and the rule then allows `tgkill` to
+    /// that pid only.
+    #[test]
+    fn the_pid_filled_in_later_is_the_pid_built_in() {
+        let arch = AUDIT_ARCH.expect("a supported architecture");
+        for allow_threads in [true, false] {
+            let mut later = build_for_any_pid(allow_threads, &[]).expect("builds");
+            assert!(later.pid_at.is_some(), "tgkill names the pid");
+            later.set_pid(4242);
+            let (map, _) = rule_map(allow_threads, &[], 4242).expect("rules");
+            let direct = assemble(arch, map).expect("assembles");
+            let fields = |p: &[libc::sock_filter]| -> Vec<(u16, u8, u8, u32)> {
+                p.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect()
+            };
+            assert_eq!(fields(&later.program), fields(&direct));
+            let tgkill = libc::SYS_tgkill as u32;
+            let (own, _) = run(&later.program, arch, tgkill, [4242, 1, 6, 0, 0, 0]);
+            assert_eq!(own, libc::SECCOMP_RET_ALLOW);
+            let (other, _) = run(&later.program, arch, tgkill, [4243, 1, 6, 0, 0, 0]);
+            assert_eq!(other, libc::SECCOMP_RET_TRAP);
+            let (placeholder, _) = run(
+                &later.program,
+                arch,
+                tgkill,
+                [u64::from(PID_PLACEHOLDER), 1, 6, 0, 0, 0],
+            );
+            assert_eq!(placeholder, libc::SECCOMP_RET_TRAP);
+        }
+        // tgkill widened to any arguments: no pid to fill in.
+        let wide = build_for_any_pid(true, &[libc::SYS_tgkill]).expect("builds");
+        assert_eq!(wide.pid_at, None);
+    }
+
+    /// The leaves of the search reach the answers without a `JA`; a list
+    /// too long for one-byte jumps is refused with an error.
+    #[test]
+    fn compact_layout() {
+        let default = build(true, &[], 7).expect("builds");
+        // The search: from the syscall number's load to the first answer.
+        let end = default
+            .program
+            .iter()
+            .position(|i| i.code == BPF_RET_K && i.k == libc::SECCOMP_RET_ALLOW)
+            .expect("an allow");
+        let jas = default.program[4..end]
+            .iter()
+            .filter(|i| i.code == BPF_JMP_JA)
+            .count();
+        // Only the leaves of conditional syscalls jump with a JA (to their
+        // rules, and to "trap" after such a leaf).
+        assert!(jas <= 2 * default.conditional, "{jas} JA instructions");
+        // 263 with a JEQ and a JA per leaf entry.
+        assert!(
+            default.program.len() < 230,
+            "{} instructions",
+            default.program.len()
+        );
+        let many: Vec<i64> = (0..450)
+            .filter(|&nr| nr != DIE_SYSCALL && !default_allows(nr))
+            .collect();
+        let err = build(true, &many, 7).expect_err("too many for one-byte jumps");
+        assert!(err.to_string().contains("too large"), "{err}");
+    }
+
+    fn default_allows(nr: i64) -> bool {
+        ALLOWED.contains(&nr)
+            || nr == libc::SYS_clone3
+            || conditional_rules(true, 7)
+                .expect("rules")
+                .iter()
+                .any(|(n, _)| *n == nr)
     }
 
     #[test]
