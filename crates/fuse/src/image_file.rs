@@ -22,7 +22,9 @@
 //! - Data read to serve a READ (the thread-local flag set by
 //!   [`serving_data`]) is fetched with [`DATA_AHEAD`] bytes after it
 //!   (`POSIX_FADV_WILLNEED`, asynchronous: the next file of a tree is
-//!   usually next on disk), and dropped from the page cache once read
+//!   usually next on disk; a few such streams are followed at once, as
+//!   READs and the pushing of files ahead read in different places), and
+//!   dropped from the page cache once read
 //!   (`POSIX_FADV_DONTNEED`): it is decoded and cached in the FUSE file.
 //!   A read counts as data when it starts on a 512-byte boundary and is at
 //!   least 512 bytes long: plain data blocks and pclusters always are,
@@ -42,7 +44,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use erofs::ReadAt;
@@ -132,6 +134,55 @@ impl MetaCache {
     }
 }
 
+/// Data streams followed at once: the reads of one walk through the tree
+/// come from READs and from the thread that pushes files ahead
+/// (crate::push), in two places of the image at a time, and a file read
+/// with readahead adds one more. With a single stream each would restart
+/// the other's, fetching 2 MiB anew at every switch.
+const STREAMS: usize = 4;
+
+/// Where each stream's data fetched ahead ends, least recently used first
+/// to go.
+#[derive(Debug, Default)]
+struct Streams {
+    /// (end of what was fetched, last use).
+    ahead: [(u64, u64); STREAMS],
+    clock: u64,
+}
+
+impl Streams {
+    /// A data read of `[offset, end)`: the range to fetch ahead, if any.
+    /// A read within the last `2 * DATA_AHEAD` before a stream's end
+    /// continues it; any other read starts a stream in place of the least
+    /// recently used one.
+    fn advance(&mut self, offset: u64, end: u64) -> Option<(u64, u64)> {
+        self.clock += 1;
+        let target = end.saturating_add(DATA_AHEAD);
+        let near = |until: u64| offset <= until && offset >= until.saturating_sub(2 * DATA_AHEAD);
+        let (slot, from) = match self.ahead.iter().position(|&(until, _)| near(until)) {
+            Some(i) => {
+                let until = self.ahead[i].0;
+                self.ahead[i].1 = self.clock;
+                // The same stream: fetch only what is not on its way yet.
+                if end.saturating_add(DATA_AHEAD / 2) <= until {
+                    return None;
+                }
+                (i, until)
+            }
+            None => {
+                let (i, _) = self
+                    .ahead
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, &(_, used))| used)?;
+                (i, offset)
+            }
+        };
+        self.ahead[slot] = (target, self.clock);
+        Some((from, target))
+    }
+}
+
 /// The smallest read counted as data (see the module docs).
 const MIN_DATA_READ: usize = 512; // a power of two
 
@@ -158,8 +209,9 @@ pub struct ImageFile {
     /// Whether reads fetch around and ahead of themselves; off with
     /// `low_memory`, or once the filesystem refuses `RWF_NOWAIT`.
     prefetch: AtomicBool,
-    /// Where the data fetched ahead ends (see [`ImageFile::fetch_ahead`]).
-    ahead_until: AtomicU64,
+    /// The streams of data reads being fetched ahead (see
+    /// [`ImageFile::fetch_ahead`]).
+    streams: Mutex<Streams>,
     /// Metadata blocks read already (none with `low_memory`).
     meta: Option<MetaCache>,
 }
@@ -181,7 +233,7 @@ impl ImageFile {
             file,
             size,
             prefetch: AtomicBool::new(!low_memory),
-            ahead_until: AtomicU64::new(0),
+            streams: Mutex::default(),
             meta: (!low_memory).then(|| MetaCache::new(META_CACHE_BYTES)),
         })
     }
@@ -247,20 +299,15 @@ impl ImageFile {
     /// cache. Topped up only once half of it is used, so that the disk sees
     /// a few large requests rather than one small one per file.
     fn fetch_ahead(&self, offset: u64, end: u64) {
-        let until = self.ahead_until.load(Ordering::Relaxed);
-        let target = end.saturating_add(DATA_AHEAD);
-        let from = if offset <= until && offset >= until.saturating_sub(2 * DATA_AHEAD) {
-            // The same stream: fetch only what is not on its way yet.
-            if end.saturating_add(DATA_AHEAD / 2) <= until {
-                return;
-            }
-            until
-        } else {
-            // A jump: start a new stream here.
-            offset
-        };
-        self.ahead_until.store(target, Ordering::Relaxed);
-        let _ = sys::fadvise_willneed(self.file.as_fd(), from, target - from);
+        // A poisoned table holds only positions: still fine advice.
+        let fetch = self
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .advance(offset, end);
+        if let Some((from, to)) = fetch {
+            let _ = sys::fadvise_willneed(self.file.as_fd(), from, to - from);
+        }
     }
 
     fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -376,6 +423,53 @@ mod tests {
         serving_data(|| ReadAt::read_exact_at(&f, &mut data, 4096)).unwrap();
         assert_eq!(data, vec![0xeeu8; 4096]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Two sequential readers interleaved each keep their stream: after
+    /// its first read a stream is fetched from where its last fetch ended,
+    /// never restarted at the read; a fifth stream displaces the least
+    /// recently used one only.
+    #[test]
+    fn interleaved_streams_do_not_restart_each_other() {
+        let mut s = Streams::default();
+        let (a, b) = (0u64, 1 << 30);
+        assert_eq!(s.advance(a, a + 65536), Some((a, a + 65536 + DATA_AHEAD)));
+        assert_eq!(s.advance(b, b + 4096), Some((b, b + 4096 + DATA_AHEAD)));
+        let mut fetched = [a + 65536 + DATA_AHEAD, b + 4096 + DATA_AHEAD];
+        let mut pos = [a + 65536, b + 4096];
+        for step in 0..400u64 {
+            let k = (step % 2) as usize;
+            let len = 65536 + (step % 5) * 4096;
+            match s.advance(pos[k], pos[k] + len) {
+                None => assert!(pos[k] + len + DATA_AHEAD / 2 <= fetched[k]),
+                Some((from, to)) => {
+                    assert_eq!(from, fetched[k], "stream {k} restarted at step {step}");
+                    assert_eq!(to, pos[k] + len + DATA_AHEAD);
+                    fetched[k] = to;
+                }
+            }
+            pos[k] += len;
+        }
+        // Three more streams: the third displaces neither a nor b, which
+        // are in use; a fourth new one displaces the oldest.
+        for (i, c) in [(0u64, 3u64 << 30), (1, 4 << 30)] {
+            assert_eq!(
+                s.advance(c, c + 4096).map(|r| r.0),
+                Some(c),
+                "new stream {i}"
+            );
+        }
+        assert_eq!(
+            s.advance(pos[0], pos[0] + 4096).map(|r| r.0),
+            Some(fetched[0]).filter(|_| pos[0] + 4096 + DATA_AHEAD / 2 > fetched[0])
+        );
+        let e = 5u64 << 30;
+        s.advance(e, e + 4096);
+        // b was the least recently used: it starts over where it is read.
+        assert_eq!(
+            s.advance(pos[1], pos[1] + 4096),
+            Some((pos[1], pos[1] + 4096 + DATA_AHEAD))
+        );
     }
 
     /// The cache stays within its budget however much is read.
