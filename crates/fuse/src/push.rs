@@ -27,7 +27,7 @@
 //!   reclaims as it likes; the listings kept are capped ([`MAX_TRACKED`]
 //!   entries, least recently used directories forgotten first).
 //!
-//! Off with `-o lowmem`.
+//! Off with `-o nopush`, and with `-o lowmem`.
 
 use std::collections::HashMap;
 use std::fs::File;

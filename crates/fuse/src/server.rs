@@ -125,13 +125,7 @@ impl Session {
         let counts = config
             .stats
             .then(|| (0..COUNTED_OPCODES).map(|_| AtomicU64::new(0)).collect());
-        let (pusher, push_thread) = match config.push {
-            true => {
-                let (p, t) = push::pusher();
-                (Some(p), Some(t))
-            }
-            false => (None, None),
-        };
+        let (pusher, push_thread) = config.push.then(push::pusher).unzip();
         Session {
             dev,
             fs,
@@ -249,13 +243,9 @@ impl Session {
                 let fs = self.fs.clone();
                 let dev = Arc::clone(&dev);
                 let root = fs.root();
-                let nodeid = move |ino: u64| match ino == root {
-                    true => Some(abi::ROOT_ID),
-                    false => ino.checked_add(2),
-                };
                 let h = std::thread::Builder::new()
                     .name("fuse-push".into())
-                    .spawn(move || body.run(&*fs, &dev, nodeid))?;
+                    .spawn(move || body.run(&*fs, &dev, |ino| nodeid_of(root, ino)))?;
                 Some(h)
             }
             None => None,
@@ -395,6 +385,15 @@ fn reply_err(dev: &File, unique: u64, errno: i32) {
     reply(dev, unique, errno, &[]);
 }
 
+/// The node id the kernel knows inode `ino` by, `root` being the root
+/// directory's inode (see the module docs); `None` past the last one.
+fn nodeid_of(root: u64, ino: u64) -> Option<u64> {
+    if ino == root {
+        return Some(abi::ROOT_ID);
+    }
+    ino.checked_add(2)
+}
+
 /// One worker: a `/dev/fuse` file and its buffers.
 struct Worker {
     dev: Arc<File>,
@@ -442,10 +441,7 @@ impl Worker {
     }
 
     fn nodeid_of(&self, ino: u64) -> Result<u64, FsError> {
-        if ino == self.root {
-            return Ok(abi::ROOT_ID);
-        }
-        ino.checked_add(2)
+        nodeid_of(self.root, ino)
             .ok_or_else(|| FsError::fault(format!("inode number {ino} too large")))
     }
 
