@@ -61,6 +61,11 @@ pub const META_WINDOW: u64 = 64 * 1024;
 /// in 1,500 (the disk's own readahead, which the kernel's loop mount
 /// rides on, is 2.5 MiB).
 pub const DATA_AHEAD: u64 = 2 * 1024 * 1024;
+/// A small image is fetched ahead in smaller steps: a sixteenth of it, at
+/// least this much. Fetched ahead is what another stream may have read
+/// and dropped already (READs and the pushing of files ahead read the same
+/// data), and 2 MiB of that is a third of a 6 MiB image.
+const MIN_DATA_AHEAD: u64 = 64 * 1024;
 /// The unit of the metadata cache.
 const META_BLOCK: u64 = 4096;
 /// Memory for metadata blocks kept in the server itself. Inodes, directory
@@ -151,20 +156,20 @@ struct Streams {
 }
 
 impl Streams {
-    /// A data read of `[offset, end)`: the range to fetch ahead, if any.
-    /// A read within the last `2 * DATA_AHEAD` before a stream's end
-    /// continues it; any other read starts a stream in place of the least
-    /// recently used one.
-    fn advance(&mut self, offset: u64, end: u64) -> Option<(u64, u64)> {
+    /// A data read of `[offset, end)`, fetching `ahead` bytes past it: the
+    /// range to fetch, if any. A read within the last `2 * ahead` before a
+    /// stream's end continues it; any other read starts a stream in place
+    /// of the least recently used one.
+    fn advance(&mut self, offset: u64, end: u64, ahead: u64) -> Option<(u64, u64)> {
         self.clock += 1;
-        let target = end.saturating_add(DATA_AHEAD);
-        let near = |until: u64| offset <= until && offset >= until.saturating_sub(2 * DATA_AHEAD);
+        let target = end.saturating_add(ahead);
+        let near = |until: u64| offset <= until && offset >= until.saturating_sub(2 * ahead);
         let (slot, from) = match self.ahead.iter().position(|&(until, _)| near(until)) {
             Some(i) => {
                 let until = self.ahead[i].0;
                 self.ahead[i].1 = self.clock;
                 // The same stream: fetch only what is not on its way yet.
-                if end.saturating_add(DATA_AHEAD / 2) <= until {
+                if end.saturating_add(ahead / 2) <= until {
                     return None;
                 }
                 (i, until)
@@ -212,6 +217,9 @@ pub struct ImageFile {
     /// The streams of data reads being fetched ahead (see
     /// [`ImageFile::fetch_ahead`]).
     streams: Mutex<Streams>,
+    /// How far past a data read to fetch: [`DATA_AHEAD`], less for a small
+    /// image (see [`MIN_DATA_AHEAD`]).
+    data_ahead: u64,
     /// Metadata blocks read already (none with `low_memory`).
     meta: Option<MetaCache>,
 }
@@ -234,6 +242,7 @@ impl ImageFile {
             size,
             prefetch: AtomicBool::new(!low_memory),
             streams: Mutex::default(),
+            data_ahead: (size / 16).clamp(MIN_DATA_AHEAD, DATA_AHEAD),
             meta: (!low_memory).then(|| MetaCache::new(META_CACHE_BYTES)),
         })
     }
@@ -304,7 +313,7 @@ impl ImageFile {
             .streams
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .advance(offset, end);
+            .advance(offset, end, self.data_ahead);
         if let Some((from, to)) = fetch {
             let _ = sys::fadvise_willneed(self.file.as_fd(), from, to - from);
         }
@@ -433,14 +442,20 @@ mod tests {
     fn interleaved_streams_do_not_restart_each_other() {
         let mut s = Streams::default();
         let (a, b) = (0u64, 1 << 30);
-        assert_eq!(s.advance(a, a + 65536), Some((a, a + 65536 + DATA_AHEAD)));
-        assert_eq!(s.advance(b, b + 4096), Some((b, b + 4096 + DATA_AHEAD)));
+        assert_eq!(
+            s.advance(a, a + 65536, DATA_AHEAD),
+            Some((a, a + 65536 + DATA_AHEAD))
+        );
+        assert_eq!(
+            s.advance(b, b + 4096, DATA_AHEAD),
+            Some((b, b + 4096 + DATA_AHEAD))
+        );
         let mut fetched = [a + 65536 + DATA_AHEAD, b + 4096 + DATA_AHEAD];
         let mut pos = [a + 65536, b + 4096];
         for step in 0..400u64 {
             let k = (step % 2) as usize;
             let len = 65536 + (step % 5) * 4096;
-            match s.advance(pos[k], pos[k] + len) {
+            match s.advance(pos[k], pos[k] + len, DATA_AHEAD) {
                 None => assert!(pos[k] + len + DATA_AHEAD / 2 <= fetched[k]),
                 Some((from, to)) => {
                     assert_eq!(from, fetched[k], "stream {k} restarted at step {step}");
@@ -454,20 +469,20 @@ mod tests {
         // are in use; a fourth new one displaces the oldest.
         for (i, c) in [(0u64, 3u64 << 30), (1, 4 << 30)] {
             assert_eq!(
-                s.advance(c, c + 4096).map(|r| r.0),
+                s.advance(c, c + 4096, DATA_AHEAD).map(|r| r.0),
                 Some(c),
                 "new stream {i}"
             );
         }
         assert_eq!(
-            s.advance(pos[0], pos[0] + 4096).map(|r| r.0),
+            s.advance(pos[0], pos[0] + 4096, DATA_AHEAD).map(|r| r.0),
             Some(fetched[0]).filter(|_| pos[0] + 4096 + DATA_AHEAD / 2 > fetched[0])
         );
         let e = 5u64 << 30;
-        s.advance(e, e + 4096);
+        s.advance(e, e + 4096, DATA_AHEAD);
         // b was the least recently used: it starts over where it is read.
         assert_eq!(
-            s.advance(pos[1], pos[1] + 4096),
+            s.advance(pos[1], pos[1] + 4096, DATA_AHEAD),
             Some((pos[1], pos[1] + 4096 + DATA_AHEAD))
         );
     }
