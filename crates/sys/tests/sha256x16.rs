@@ -6,7 +6,7 @@
 use immount_sys::sha256x16::{sha256_16x, sha256_16x_supported, LANES};
 mod common;
 
-use common::{bytes, reference};
+use common::{bytes, random_cases, reference, ABC, EDGE_LENGTHS, EDGE_PREFIXES};
 
 /// Sixteen distinct messages of `len` bytes from `seed`.
 fn messages(seed: u64, len: usize) -> Vec<Vec<u8>> {
@@ -58,19 +58,14 @@ fn supported_or_none() -> bool {
     false
 }
 
-const PREFIXES: [usize; 11] = [0, 1, 32, 55, 56, 63, 64, 65, 100, 128, 256];
-
 #[test]
 fn matches_sha2_for_edge_lengths() {
     if !supported_or_none() {
         return;
     }
-    let lengths = [
-        0, 1, 2, 31, 55, 56, 57, 63, 64, 65, 119, 120, 127, 128, 129, 4095, 4096, 4097, 4127,
-    ];
-    for (p, &plen) in PREFIXES.iter().enumerate() {
+    for (p, &plen) in EDGE_PREFIXES.iter().enumerate() {
         let prefix = bytes(1000 + p as u64, plen);
-        for (i, &len) in lengths.iter().enumerate() {
+        for (i, &len) in EDGE_LENGTHS.iter().enumerate() {
             let msgs = messages(i as u64, len);
             if len > 0 {
                 assert_ne!(msgs[0], msgs[1]);
@@ -85,13 +80,7 @@ fn matches_sha2_for_random_lengths() {
     if !supported_or_none() {
         return;
     }
-    let mut x = 0x0123_4567_89ab_cdefu64;
-    for round in 0..120u64 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let len = (x % (10 * 1024 + 1)) as usize;
-        let plen = ((x >> 32) % 257) as usize;
+    for (round, len, plen) in random_cases(120, 256) {
         let prefix = bytes(round + 7, plen);
         check(&prefix, &messages(round + 50, len));
     }
@@ -145,11 +134,6 @@ fn known_answer() {
     if !supported_or_none() {
         return;
     }
-    let expected = [
-        0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae, 0x22,
-        0x23, 0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff, 0x61, 0xf2, 0x00,
-        0x15, 0xad,
-    ];
-    assert_eq!(sha256_16x(b"a", &[b"bc"; LANES]), Some([expected; LANES]));
-    assert_eq!(sha256_16x(b"abc", &[b""; LANES]), Some([expected; LANES]));
+    assert_eq!(sha256_16x(b"a", &[b"bc"; LANES]), Some([ABC; LANES]));
+    assert_eq!(sha256_16x(b"abc", &[b""; LANES]), Some([ABC; LANES]));
 }

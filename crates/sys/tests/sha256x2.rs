@@ -5,7 +5,7 @@
 use immount_sys::sha256x2::{sha256_2x, sha256_2x_supported};
 mod common;
 
-use common::{bytes, reference};
+use common::{bytes, random_cases, reference, ABC, EDGE_LENGTHS, EDGE_PREFIXES};
 
 /// Hash (a, b) both ways and compare; also with the lanes swapped, so a
 /// mix-up of lanes cannot pass.
@@ -41,19 +41,14 @@ fn supported_or_none() -> bool {
     false
 }
 
-const PREFIXES: [usize; 10] = [0, 1, 32, 55, 63, 64, 65, 100, 128, 256];
-
 #[test]
 fn matches_sha2_for_edge_lengths() {
     if !supported_or_none() {
         return;
     }
-    let lengths = [
-        0, 1, 2, 31, 55, 56, 57, 63, 64, 65, 119, 120, 127, 128, 129, 4095, 4096, 4097, 4127,
-    ];
-    for (p, &plen) in PREFIXES.iter().enumerate() {
+    for (p, &plen) in EDGE_PREFIXES.iter().enumerate() {
         let prefix = bytes(1000 + p as u64, plen);
-        for (i, &len) in lengths.iter().enumerate() {
+        for (i, &len) in EDGE_LENGTHS.iter().enumerate() {
             let a = bytes(2 * i as u64 + 1, len);
             let b = bytes(2 * i as u64 + 2, len);
             if len > 0 {
@@ -69,13 +64,7 @@ fn matches_sha2_for_random_lengths() {
     if !supported_or_none() {
         return;
     }
-    let mut x = 0x0123_4567_89ab_cdefu64;
-    for round in 0..300u64 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let len = (x % (10 * 1024 + 1)) as usize;
-        let plen = ((x >> 32) % 300) as usize;
+    for (round, len, plen) in random_cases(300, 299) {
         let prefix = bytes(round + 7, plen);
         let a = bytes(3 * round + 11, len);
         let b = bytes(3 * round + 12, len);
@@ -117,11 +106,6 @@ fn known_answer() {
     if !supported_or_none() {
         return;
     }
-    let expected = [
-        0xba, 0x78, 0x16, 0xbf, 0x8f, 0x01, 0xcf, 0xea, 0x41, 0x41, 0x40, 0xde, 0x5d, 0xae, 0x22,
-        0x23, 0xb0, 0x03, 0x61, 0xa3, 0x96, 0x17, 0x7a, 0x9c, 0xb4, 0x10, 0xff, 0x61, 0xf2, 0x00,
-        0x15, 0xad,
-    ];
-    assert_eq!(sha256_2x(b"a", b"bc", b"bc"), Some((expected, expected)));
-    assert_eq!(sha256_2x(b"abc", b"", b""), Some((expected, expected)));
+    assert_eq!(sha256_2x(b"a", b"bc", b"bc"), Some((ABC, ABC)));
+    assert_eq!(sha256_2x(b"abc", b"", b""), Some((ABC, ABC)));
 }
