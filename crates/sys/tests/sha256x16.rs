@@ -6,7 +6,7 @@
 use immount_sys::sha256x16::{sha256_16x, sha256_16x_supported, LANES};
 mod common;
 
-use common::{bytes, random_cases, reference, ABC, EDGE_LENGTHS, EDGE_PREFIXES};
+use common::{bytes, edge_cases, random_cases, reference, ABC};
 
 /// Sixteen distinct messages of `len` bytes from `seed`.
 fn messages(seed: u64, len: usize) -> Vec<Vec<u8>> {
@@ -63,15 +63,12 @@ fn matches_sha2_for_edge_lengths() {
     if !supported_or_none() {
         return;
     }
-    for (p, &plen) in EDGE_PREFIXES.iter().enumerate() {
-        let prefix = bytes(1000 + p as u64, plen);
-        for (i, &len) in EDGE_LENGTHS.iter().enumerate() {
-            let msgs = messages(i as u64, len);
-            if len > 0 {
-                assert_ne!(msgs[0], msgs[1]);
-            }
-            check(&prefix, &msgs);
+    for (prefix, i, len) in edge_cases() {
+        let msgs = messages(i as u64, len);
+        if len > 0 {
+            assert_ne!(msgs[0], msgs[1]);
         }
+        check(&prefix, &msgs);
     }
 }
 

@@ -32,6 +32,17 @@ pub const EDGE_LENGTHS: [usize; 19] = [
     0, 1, 2, 31, 55, 56, 57, 63, 64, 65, 119, 120, 127, 128, 129, 4095, 4096, 4097, 4127,
 ];
 
+/// Every edge prefix with every edge length: (prefix, index of the length,
+/// length), the prefix's bytes the same for a given length of it.
+pub fn edge_cases() -> impl Iterator<Item = (Vec<u8>, usize, usize)> {
+    EDGE_PREFIXES.iter().enumerate().flat_map(|(p, &plen)| {
+        EDGE_LENGTHS
+            .iter()
+            .enumerate()
+            .map(move |(i, &len)| (bytes(1000 + p as u64, plen), i, len))
+    })
+}
+
 /// `rounds` pseudo-random cases (xorshift64): (round, message length up to
 /// 10 KiB, prefix length up to `max_prefix`).
 pub fn random_cases(rounds: u64, max_prefix: u64) -> impl Iterator<Item = (u64, usize, usize)> {
