@@ -19,7 +19,9 @@
 #                       run to run, and the cost is the median over runs of
 #                       the paired ratio sandbox / no-sandbox (a table of its
 #                       own, with the sandbox's own setup time per mount)
-#   env WARM_K=5        each warm figure is the best of WARM_K repeats
+#   env WARM_K=5        each warm figure is the best of WARM_K repeats,
+#                       taken with all drivers mounted side by side and
+#                       timed in turns
 #
 # For each driver it prints: time to mount, cold and warm stat walk of the
 # whole tree, cold and warm read of every file (tar to a pipe), peak RSS of
@@ -90,6 +92,7 @@ command -v squashfuse_ll >/dev/null && [ -e "$SQ" ] && DRIVERS="$DRIVERS squashf
 
 MP=$WORK/mnt
 mkdir -p "$MP"
+for d in $DRIVERS; do mkdir -p "$WORK/mnt-$d"; done
 RESULTS=$WORK/results-$COMP.txt
 : > "$RESULTS"
 
@@ -140,10 +143,9 @@ timed() { local t0 t1; t0=$(now); "$@"; t1=$(now); awk -v a="$t0" -v b="$t1" 'BE
 # answers from its caches): the best of WARM_K, so that a burst of load from
 # elsewhere on a shared machine does not pass for the driver's.
 WARM_K=${WARM_K:-5}
-best_of_k() {
-    local _
-    for _ in $(seq "$WARM_K"); do timed "$@"; echo; done | sort -n | head -n1
-}
+# The smallest of a list of times (split on purpose).
+# shellcheck disable=SC2086
+best() { printf '%s\n' $1 | sort -n | head -n1; }
 
 # The drivers of run $1, immount and immount-nosandbox back to back in an
 # order that alternates from run to run.
@@ -166,29 +168,53 @@ drivers_of_run() {
 SETUP_LOG=$WORK/sandbox-report.txt
 setup_us() { { sed -n 's/.*setup time: *\([0-9]*\) µs.*/\1/p' "$SETUP_LOG" 2>/dev/null || true; } | tail -n1; }
 
-trap 'mountpoint -q "$MP" && umount -l "$MP"' EXIT
+# Whatever is still mounted when the script ends, however it ends.
+cleanup() { local m; for m in "$WORK"/mnt "$WORK"/mnt-*; do mountpoint -q "$m" && umount -l "$m"; done; return 0; }
+trap cleanup EXIT
 
 for run in $(seq "$RUNS"); do
-    for d in $(drivers_of_run "$run"); do
-        # Mount and stat walks on a cold cache.
+    declare -A T_MOUNT T_COLD_STAT T_COLD_READ GROWTH IMG_CACHED SETUP CPU_STAT
+    DRV=$(drivers_of_run "$run")
+    for d in $DRV; do
+        # Mount and stat walk on a cold cache.
+        MP=$WORK/mnt
         drop_caches
-        t_mount=$(timed do_mount "$d")
+        T_MOUNT[$d]=$(timed do_mount "$d")
         must_be_mounted "$d"
-        t_cold_stat=$(timed stat_walk)
-        t_warm_stat=$(best_of_k stat_walk)
-        setup=0; [ "$d" = immount ] && setup=$(setup_us); setup=${setup:-0}
-        cpu_stat=0; [ "$d" = kernel ] || cpu_stat=$(cpu_s)
+        T_COLD_STAT[$d]=$(timed stat_walk)
+        SETUP[$d]=0; [ "$d" = immount ] && SETUP[$d]=$(setup_us); SETUP[$d]=${SETUP[$d]:-0}
+        CPU_STAT[$d]=0; [ "$d" = kernel ] || CPU_STAT[$d]=$(cpu_s)
         do_umount "$d"
-        # Reads on a fresh mount and cold cache.
+        # Read on a fresh mount and cold cache; the mount stays for the
+        # warm figures.
+        MP=$WORK/mnt-$d
         drop_caches
         do_mount "$d"
         must_be_mounted "$d"
         before=$(cached_kib)
-        t_cold_read=$(timed read_all)
+        T_COLD_READ[$d]=$(timed read_all)
         after=$(cached_kib)
         src=$IMG; [ "$d" = squashfuse_ll ] && src=$SQ
-        img_cached=$(( $(fincore -n -b -o RES "$src" 2>/dev/null || echo 0) / 1048576 ))
-        t_warm_read=$(best_of_k read_all)
+        IMG_CACHED[$d]=$(( $(fincore -n -b -o RES "$src" 2>/dev/null || echo 0) / 1048576 ))
+        GROWTH[$d]=$(( (after - before) / 1024 ))
+    done
+    # Warm figures: every driver mounted side by side and warmed (the drops
+    # of caches above evicted all but the last one's pages), then timed in
+    # turns, so that a slow spell of the machine, which lasts seconds, falls
+    # on all drivers alike instead of on whichever was measured then.
+    declare -A W_STAT W_READ
+    for d in $DRV; do MP=$WORK/mnt-$d; read_all; stat_walk; W_STAT[$d]=; W_READ[$d]=; done
+    for _ in $(seq "$WARM_K"); do
+        for d in $DRV; do
+            MP=$WORK/mnt-$d
+            W_STAT[$d]="${W_STAT[$d]} $(timed stat_walk)"
+            W_READ[$d]="${W_READ[$d]} $(timed read_all)"
+        done
+    done
+    for d in $DRV; do
+        MP=$WORK/mnt-$d
+        t_warm_stat=$(best "${W_STAT[$d]}")
+        t_warm_read=$(best "${W_READ[$d]}")
         pid=$(server_pid)
         cpu_read=0; [ "$d" = kernel ] || cpu_read=$(cpu_s)
         rss=0
@@ -196,9 +222,8 @@ for run in $(seq "$RUNS"); do
             rss=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
         fi
         do_umount "$d"
-        growth=$(( (after - before) / 1024 ))
-        echo "$run $d $t_mount $t_cold_stat $t_warm_stat $t_cold_read $t_warm_read $((rss / 1024)) $growth $img_cached $setup $cpu_stat $cpu_read" >> "$RESULTS"
-        echo "run $run $d: mount $t_mount s, stat cold $t_cold_stat warm $t_warm_stat, read cold $t_cold_read warm $t_warm_read, rss ${rss} KiB, cache +${growth} MiB, image cached ${img_cached} MiB, server CPU stat $cpu_stat s read $cpu_read s, load $(cut -d' ' -f1 /proc/loadavg)" >&2
+        echo "$run $d ${T_MOUNT[$d]} ${T_COLD_STAT[$d]} $t_warm_stat ${T_COLD_READ[$d]} $t_warm_read $((rss / 1024)) ${GROWTH[$d]} ${IMG_CACHED[$d]} ${SETUP[$d]} ${CPU_STAT[$d]} $cpu_read" >> "$RESULTS"
+        echo "run $run $d: mount ${T_MOUNT[$d]} s, stat cold ${T_COLD_STAT[$d]} warm $t_warm_stat, read cold ${T_COLD_READ[$d]} warm $t_warm_read, rss ${rss} KiB, cache +${GROWTH[$d]} MiB, image cached ${IMG_CACHED[$d]} MiB, server CPU stat ${CPU_STAT[$d]} s read $cpu_read s, load $(cut -d' ' -f1 /proc/loadavg)" >&2
     done
 done
 
