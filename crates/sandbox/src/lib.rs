@@ -85,6 +85,7 @@ mod supervise;
 use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use landlock::{
@@ -92,6 +93,7 @@ use landlock::{
 };
 use rustix::process::{Resource, Rlimit};
 
+pub use namespaces::{Kept, KEPT_DIR};
 pub use supervise::{explain_exit, prepare_supervisor, supervise, unmount_lazy};
 
 /// The uid and gid "nobody", the default identity of a server started as
@@ -143,6 +145,10 @@ pub struct SandboxConfig {
     /// Syscall numbers allowed with any arguments on top of the built-in
     /// list (`socket` is refused: it is denied in any case).
     pub extra_syscalls: Vec<i64>,
+    /// As root, where the network, IPC and mount namespaces are kept for
+    /// the servers that follow, and joined from (default [`KEPT_DIR`]);
+    /// `None`: each server makes its own.
+    pub kept_namespaces: Option<PathBuf>,
 }
 
 impl Default for SandboxConfig {
@@ -157,6 +163,7 @@ impl Default for SandboxConfig {
             log_fd: Some(2),
             allow_threads: true,
             extra_syscalls: Vec::new(),
+            kept_namespaces: Some(PathBuf::from(KEPT_DIR)),
         }
     }
 }
@@ -300,6 +307,9 @@ pub struct SandboxReport {
     pub ipc_namespace: Step,
     /// A mount namespace with an empty root was made.
     pub mount_namespace: Step,
+    /// Whether the network, IPC and mount namespaces are the server's own
+    /// or shared by the servers that root started (kept in [`KEPT_DIR`]).
+    pub namespaces_kept: Kept,
     /// The uid after `apply` (real, effective and saved).
     pub uid: u32,
     /// The gid after `apply`.
@@ -337,6 +347,7 @@ impl SandboxReport {
             net_namespace: off(),
             ipc_namespace: off(),
             mount_namespace: off(),
+            namespaces_kept: Kept::Own,
             uid: rustix::process::getuid().as_raw(),
             gid: rustix::process::getgid().as_raw(),
             identity_changed: false,
@@ -398,6 +409,9 @@ impl fmt::Display for SandboxReport {
         writeln!(f, "  net namespace:     {}", self.net_namespace)?;
         writeln!(f, "  ipc namespace:     {}", self.ipc_namespace)?;
         writeln!(f, "  empty mount root:  {}", self.mount_namespace)?;
+        if self.namespaces_kept != Kept::Own {
+            writeln!(f, "  namespaces:        {}", self.namespaces_kept)?;
+        }
         writeln!(
             f,
             "  identity:          uid {} gid {}{}",
@@ -675,6 +689,14 @@ pub struct Prepared {
     laps: Laps,
 }
 
+impl Prepared {
+    /// Whether the namespaces were joined, made and kept, or are the
+    /// thread's own.
+    pub fn namespaces_kept(&self) -> &Kept {
+        &self.made.kept
+    }
+}
+
 /// The slow first part of [`apply`] for a server started as root, run ahead
 /// on a thread of its own while the process still mounts, so that it costs
 /// the mount no time: `/proc` read, then new network, IPC and mount
@@ -707,7 +729,8 @@ pub fn prepare_ahead(cfg: &SandboxConfig) -> Result<Option<Prepared>, SandboxErr
         .open("/dev/null")
         .map_err(SandboxError::CloseFds)?;
     laps.lap("checks (ahead)");
-    let Some(made) = namespaces::enter_as_root_thread(&mut laps)? else {
+    let Some(made) = namespaces::enter_as_root_thread(cfg.kept_namespaces.as_deref(), &mut laps)?
+    else {
         return Ok(None);
     };
     let locked = lock_down_thread(cfg, &made, facts.last_cap, true, &mut laps)?;
@@ -989,6 +1012,7 @@ fn finish(
         net_namespace: made.net,
         ipc_namespace: made.ipc,
         mount_namespace: made.mount,
+        namespaces_kept: made.kept,
         uid,
         gid,
         identity_changed,

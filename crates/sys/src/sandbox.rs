@@ -167,6 +167,17 @@ pub fn unshare_namespaces(ns: Namespaces) -> io::Result<()> {
     unsafe { rustix::thread::unshare_unsafe(flags) }.map_err(io::Error::from)
 }
 
+/// `unshare(CLONE_FS)`: gives the calling thread a root, working directory
+/// and umask of its own, which `setns` into a mount namespace requires (it
+/// refuses a filesystem context that other threads share).
+pub fn unshare_fs_context() -> io::Result<()> {
+    // SAFETY: as in `unshare_namespaces`: CLONE_FS copies the thread's
+    // filesystem context (root, cwd, umask); it touches neither the
+    // descriptor table nor memory.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::FS) }
+        .map_err(io::Error::from)
+}
+
 /// Installs a classic BPF seccomp filter on every thread of the process
 /// (`SECCOMP_FILTER_FLAG_TSYNC`), returning whether
 /// `SECCOMP_FILTER_FLAG_SPEC_ALLOW` was in force.

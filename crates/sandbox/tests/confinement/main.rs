@@ -80,6 +80,10 @@ fn main() -> ExitCode {
         ),
         ("supervisor_keeps_only_cap_sys_admin", supervisor_prepared),
         (
+            "kept_namespaces_are_joined_and_remade_when_stale",
+            kept_namespaces,
+        ),
+        (
             "supervisor_explains_and_unmounts_a_killed_server",
             fuse_server_killed,
         ),
@@ -689,6 +693,150 @@ fn supervisor_prepared() -> TestResult {
     ensure(out.contains("core=0"), || format!("stdout: {out}"))
 }
 
+/// The inode of a namespace as `/proc/.../ns/NAME` names it (`net:[N]`).
+fn ns_inode(link: &Path) -> Result<u64, String> {
+    let target = std::fs::read_link(link).map_err(|e| format!("{}: {e}", link.display()))?;
+    let text = target.to_string_lossy();
+    text.split_once(":[")
+        .and_then(|(_, rest)| rest.strip_suffix(']'))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("{}: {text}", link.display()))
+}
+
+/// A directory of kept namespaces made by the test, unmounted (every
+/// stacked bind mount) and removed however the test ends.
+struct KeptDir {
+    path: PathBuf,
+}
+
+impl Drop for KeptDir {
+    fn drop(&mut self) {
+        let files = ["net", "ipc", "mnt"].map(|n| self.path.join(n));
+        for p in files.iter().chain([&self.path]) {
+            while is_mounted(p) {
+                if rustix::mount::unmount(p, rustix::mount::UnmountFlags::DETACH).is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A thread that prepared ahead with `dir` as its kept namespaces, watched
+/// from outside: what it said of them, its namespaces, and how many
+/// entries its root has.
+struct Ahead {
+    spawned: Spawned,
+    kept: String,
+    ns: [u64; 3],
+    root_entries: usize,
+}
+
+fn prepare_ahead_with(dir: &Path) -> Result<Ahead, String> {
+    let mut s = spawn(&format!("kept_ns:{}", dir.display()), false)?;
+    let lines = s.read_until("tid=")?;
+    let last = lines.last().ok_or("no output")?;
+    let (tid, kept) = last
+        .strip_prefix("tid=")
+        .and_then(|l| l.split_once(" kept="))
+        .ok_or_else(|| format!("child said: {lines:?}"))?;
+    let task = PathBuf::from(format!("/proc/{}/task/{tid}", s.pid()));
+    let ns = [
+        ns_inode(&task.join("ns/net"))?,
+        ns_inode(&task.join("ns/ipc"))?,
+        ns_inode(&task.join("ns/mnt"))?,
+    ];
+    let root_entries = std::fs::read_dir(task.join("root"))
+        .map_err(|e| format!("the thread's root: {e}"))?
+        .count();
+    Ok(Ahead {
+        kept: kept.to_owned(),
+        spawned: s,
+        ns,
+        root_entries,
+    })
+}
+
+/// The namespace inodes of the files kept in `dir`.
+fn kept_inodes(dir: &Path) -> [u64; 3] {
+    use std::os::unix::fs::MetadataExt;
+    ["net", "ipc", "mnt"].map(|n| std::fs::metadata(dir.join(n)).map_or(0, |m| m.ino()))
+}
+
+/// As root, the first server makes its network, IPC and mount namespaces
+/// and keeps them (nsfs bind mounts in the directory); the next joins the
+/// same ones, with the same empty root; a stale file (no longer a
+/// namespace) is not joined but made again and kept anew; a directory that
+/// others may write to is neither joined nor kept in.
+fn kept_namespaces() -> TestResult {
+    let dir = KeptDir {
+        path: std::env::temp_dir().join(format!("immount-sandbox-ns-{}", std::process::id())),
+    };
+    let host = [
+        ns_inode(Path::new("/proc/self/ns/net"))?,
+        ns_inode(Path::new("/proc/self/ns/ipc"))?,
+        ns_inode(Path::new("/proc/self/ns/mnt"))?,
+    ];
+    let first = prepare_ahead_with(&dir.path)?;
+    ensure(first.kept.starts_with("made, and kept in"), || {
+        format!("first: {}", first.kept)
+    })?;
+    ensure(first.ns.iter().zip(&host).all(|(a, h)| a != h), || {
+        format!("first {:?} against the host's {host:?}", first.ns)
+    })?;
+    ensure(kept_inodes(&dir.path) == first.ns, || {
+        format!("kept {:?}, first {:?}", kept_inodes(&dir.path), first.ns)
+    })?;
+    ensure(first.root_entries == 0, || {
+        format!("the first's root has {} entries", first.root_entries)
+    })?;
+    let second = prepare_ahead_with(&dir.path)?;
+    ensure(
+        second
+            .kept
+            .starts_with("shared by immount servers, joined from"),
+        || format!("second: {}", second.kept),
+    )?;
+    ensure(second.ns == first.ns, || {
+        format!("second {:?}, first {:?}", second.ns, first.ns)
+    })?;
+    ensure(second.root_entries == 0, || {
+        format!("the second's root has {} entries", second.root_entries)
+    })?;
+    drop((first.spawned.finish()?, second.spawned.finish()?));
+
+    // Stale: the network namespace's file is a plain file again.
+    let net = dir.path.join("net");
+    rustix::mount::unmount(&net, rustix::mount::UnmountFlags::DETACH)
+        .map_err(|e| format!("umount {}: {e}", net.display()))?;
+    let third = prepare_ahead_with(&dir.path)?;
+    ensure(third.kept.starts_with("made, and kept in"), || {
+        format!("after a stale file: {}", third.kept)
+    })?;
+    ensure(third.ns[0] != first.ns[0] && third.ns[0] != host[0], || {
+        format!("third {:?}, first {:?}", third.ns, first.ns)
+    })?;
+    ensure(kept_inodes(&dir.path) == third.ns, || {
+        format!("kept {:?}, third {:?}", kept_inodes(&dir.path), third.ns)
+    })?;
+    drop(third.spawned.finish()?);
+
+    // Others may write to the directory: neither joined nor kept in.
+    std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(0o777))
+        .map_err(|e| e.to_string())?;
+    let fourth = prepare_ahead_with(&dir.path)?;
+    ensure(fourth.kept.starts_with("own (not kept in"), || {
+        format!("open directory: {}", fourth.kept)
+    })?;
+    ensure(
+        fourth.ns[0] != third.ns[0] && fourth.ns[0] != host[0],
+        || format!("fourth {:?}, third {:?}", fourth.ns, third.ns),
+    )?;
+    drop(fourth.spawned.finish()?);
+    Ok(())
+}
+
 /// A temporary mountpoint that is unmounted and removed however the test
 /// ends.
 struct MountDir {
@@ -857,6 +1005,35 @@ mod child {
             let core = rustix::process::getrlimit(rustix::process::Resource::Core);
             say(&format!("core={}", core.current.unwrap_or(u64::MAX)));
             return ExitCode::SUCCESS;
+        }
+        if let Some(dir) = scenario.strip_prefix("kept_ns:") {
+            // Prepare ahead on a thread, as the server does, and wait
+            // (until stdin closes) while the parent looks at the thread.
+            let cfg = SandboxConfig {
+                kept_namespaces: Some(PathBuf::from(dir)),
+                ..SandboxConfig::default()
+            };
+            let thread = std::thread::spawn(move || match sandbox::prepare_ahead(&cfg) {
+                Ok(Some(prepared)) => {
+                    say(&format!(
+                        "tid={} kept={}",
+                        rustix::thread::gettid().as_raw_nonzero(),
+                        prepared.namespaces_kept()
+                    ));
+                    let mut buf = Vec::new();
+                    let _ = std::io::stdin().read_to_end(&mut buf);
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => {
+                    say("tid=0 kept=none: not prepared");
+                    ExitCode::from(2)
+                }
+                Err(e) => {
+                    say(&format!("tid=0 kept=error: {e}"));
+                    ExitCode::from(2)
+                }
+            });
+            return thread.join().unwrap_or(ExitCode::FAILURE);
         }
         if let Some(pid) = scenario.strip_prefix("tracer:") {
             // Not confined: an ordinary process of uid nobody.
