@@ -28,8 +28,9 @@
 # the server process, the page cache grown by one cold read of everything
 # (all of the machine's "Cached": noisy when others are busy) and how much
 # of the image file itself stays cached after it (fincore), and the CPU time
-# the server's processes used from the mount to the end of the stat walks
-# and of the reads (all their threads, from /proc/PID/task/*/schedstat);
+# the server's processes used from the mount to the end of the cold stat
+# walk and of the cold read (all their threads, from
+# /proc/PID/task/*/schedstat);
 # then each figure's ratio to the kernel's in the same run.
 # Cold means: page cache dropped and a fresh mount.
 #
@@ -173,11 +174,13 @@ cleanup() { local m; for m in "$WORK"/mnt "$WORK"/mnt-*; do mountpoint -q "$m" &
 trap cleanup EXIT
 
 for run in $(seq "$RUNS"); do
-    declare -A T_MOUNT T_COLD_STAT T_COLD_READ GROWTH IMG_CACHED SETUP CPU_STAT
+    declare -A T_MOUNT T_COLD_STAT T_COLD_READ GROWTH IMG_CACHED SETUP CPU_STAT CPU_READ RSS
     DRV=$(drivers_of_run "$run")
+    # The cold figures, one driver at a time, with nothing else mounted (a
+    # server still running would keep its program's pages cached).
+    MP=$WORK/mnt
     for d in $DRV; do
         # Mount and stat walk on a cold cache.
-        MP=$WORK/mnt
         drop_caches
         T_MOUNT[$d]=$(timed do_mount "$d")
         must_be_mounted "$d"
@@ -185,9 +188,7 @@ for run in $(seq "$RUNS"); do
         SETUP[$d]=0; [ "$d" = immount ] && SETUP[$d]=$(setup_us); SETUP[$d]=${SETUP[$d]:-0}
         CPU_STAT[$d]=0; [ "$d" = kernel ] || CPU_STAT[$d]=$(cpu_s)
         do_umount "$d"
-        # Read on a fresh mount and cold cache; the mount stays for the
-        # warm figures.
-        MP=$WORK/mnt-$d
+        # Read on a fresh mount and cold cache.
         drop_caches
         do_mount "$d"
         must_be_mounted "$d"
@@ -197,13 +198,26 @@ for run in $(seq "$RUNS"); do
         src=$IMG; [ "$d" = squashfuse_ll ] && src=$SQ
         IMG_CACHED[$d]=$(( $(fincore -n -b -o RES "$src" 2>/dev/null || echo 0) / 1048576 ))
         GROWTH[$d]=$(( (after - before) / 1024 ))
+        pid=$(server_pid)
+        CPU_READ[$d]=0; [ "$d" = kernel ] || CPU_READ[$d]=$(cpu_s)
+        RSS[$d]=0
+        if [ "$d" != kernel ] && [ -n "$pid" ]; then
+            RSS[$d]=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+        fi
+        do_umount "$d"
     done
-    # Warm figures: every driver mounted side by side and warmed (the drops
-    # of caches above evicted all but the last one's pages), then timed in
-    # turns, so that a slow spell of the machine, which lasts seconds, falls
-    # on all drivers alike instead of on whichever was measured then.
+    # The warm figures: every driver mounted side by side and warmed by one
+    # read and one stat walk, then timed in turns, so that a slow spell of
+    # the machine, which lasts seconds, falls on all drivers alike instead
+    # of on whichever was measured then.
     declare -A W_STAT W_READ
-    for d in $DRV; do MP=$WORK/mnt-$d; read_all; stat_walk; W_STAT[$d]=; W_READ[$d]=; done
+    for d in $DRV; do
+        MP=$WORK/mnt-$d
+        do_mount "$d"
+        must_be_mounted "$d"
+        read_all; stat_walk
+        W_STAT[$d]=; W_READ[$d]=
+    done
     for _ in $(seq "$WARM_K"); do
         for d in $DRV; do
             MP=$WORK/mnt-$d
@@ -213,17 +227,11 @@ for run in $(seq "$RUNS"); do
     done
     for d in $DRV; do
         MP=$WORK/mnt-$d
+        do_umount "$d"
         t_warm_stat=$(best "${W_STAT[$d]}")
         t_warm_read=$(best "${W_READ[$d]}")
-        pid=$(server_pid)
-        cpu_read=0; [ "$d" = kernel ] || cpu_read=$(cpu_s)
-        rss=0
-        if [ "$d" != kernel ] && [ -n "$pid" ]; then
-            rss=$(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
-        fi
-        do_umount "$d"
-        echo "$run $d ${T_MOUNT[$d]} ${T_COLD_STAT[$d]} $t_warm_stat ${T_COLD_READ[$d]} $t_warm_read $((rss / 1024)) ${GROWTH[$d]} ${IMG_CACHED[$d]} ${SETUP[$d]} ${CPU_STAT[$d]} $cpu_read" >> "$RESULTS"
-        echo "run $run $d: mount ${T_MOUNT[$d]} s, stat cold ${T_COLD_STAT[$d]} warm $t_warm_stat, read cold ${T_COLD_READ[$d]} warm $t_warm_read, rss ${rss} KiB, cache +${GROWTH[$d]} MiB, image cached ${IMG_CACHED[$d]} MiB, server CPU stat ${CPU_STAT[$d]} s read $cpu_read s, load $(cut -d' ' -f1 /proc/loadavg)" >&2
+        echo "$run $d ${T_MOUNT[$d]} ${T_COLD_STAT[$d]} $t_warm_stat ${T_COLD_READ[$d]} $t_warm_read $((RSS[$d] / 1024)) ${GROWTH[$d]} ${IMG_CACHED[$d]} ${SETUP[$d]} ${CPU_STAT[$d]} ${CPU_READ[$d]}" >> "$RESULTS"
+        echo "run $run $d: mount ${T_MOUNT[$d]} s, stat cold ${T_COLD_STAT[$d]} warm $t_warm_stat, read cold ${T_COLD_READ[$d]} warm $t_warm_read, rss ${RSS[$d]} KiB, cache +${GROWTH[$d]} MiB, image cached ${IMG_CACHED[$d]} MiB, server CPU stat ${CPU_STAT[$d]} s read ${CPU_READ[$d]} s, load $(cut -d' ' -f1 /proc/loadavg)" >&2
     done
 done
 
