@@ -41,7 +41,8 @@ pub(crate) struct Made {
 /// (the default of `SandboxConfig::kept_namespaces`).
 pub const KEPT_DIR: &str = "/run/immount/ns";
 
-/// The kept namespaces: file name and type.
+/// The kept namespaces: file name and type, the mount namespace last
+/// (joining it changes the root).
 const KEPT: [(&str, LinkNameSpaceType); 3] = [
     ("net", LinkNameSpaceType::Network),
     ("ipc", LinkNameSpaceType::InterProcessCommunication),
@@ -246,9 +247,10 @@ fn keep(dir: &Path, host: &OwnedFd, new: &[OwnedFd]) -> Result<Kept, SandboxErro
         return Ok(not_kept(e.into()));
     }
     let kept = bind_kept(dir, new);
-    // Back into the empty root; setns sets the root and working directory
-    // to the namespace's root.
-    rustix::thread::move_into_link_name_space(new[2].as_fd(), Some(LinkNameSpaceType::Mount))
+    // Back into the empty root ("mnt", last in KEPT); setns sets the root
+    // and working directory to the namespace's root.
+    let new_mounts = &new[KEPT.len() - 1];
+    rustix::thread::move_into_link_name_space(new_mounts.as_fd(), Some(LinkNameSpaceType::Mount))
         .map_err(|e| SandboxError::MountNamespace(e.into()))?;
     Ok(match kept {
         Ok(()) => Kept::MadeAndKept(dir.to_owned()),
