@@ -693,14 +693,24 @@ fn supervisor_prepared() -> TestResult {
     ensure(out.contains("core=0"), || format!("stdout: {out}"))
 }
 
-/// The inode of a namespace as `/proc/.../ns/NAME` names it (`net:[N]`).
-fn ns_inode(link: &Path) -> Result<u64, String> {
-    let target = std::fs::read_link(link).map_err(|e| format!("{}: {e}", link.display()))?;
-    let text = target.to_string_lossy();
-    text.split_once(":[")
-        .and_then(|(_, rest)| rest.strip_suffix(']'))
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("{}: {text}", link.display()))
+/// The namespaces the sandbox keeps, in the order of the inode triples.
+const KEPT_NS: [&str; 3] = ["net", "ipc", "mnt"];
+
+/// The inodes of a task's namespaces as `TASK/ns/NAME` names them
+/// (`net:[N]`), in [`KEPT_NS`] order.
+fn ns_inodes(task: &Path) -> Result<[u64; 3], String> {
+    let mut out = [0; 3];
+    for (slot, name) in out.iter_mut().zip(KEPT_NS) {
+        let link = task.join("ns").join(name);
+        let target = std::fs::read_link(&link).map_err(|e| format!("{}: {e}", link.display()))?;
+        let text = target.to_string_lossy();
+        *slot = text
+            .split_once(":[")
+            .and_then(|(_, rest)| rest.strip_suffix(']'))
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("{}: {text}", link.display()))?;
+    }
+    Ok(out)
 }
 
 /// A directory of kept namespaces made by the test, unmounted (every
@@ -711,7 +721,7 @@ struct KeptDir {
 
 impl Drop for KeptDir {
     fn drop(&mut self) {
-        let files = ["net", "ipc", "mnt"].map(|n| self.path.join(n));
+        let files = KEPT_NS.map(|n| self.path.join(n));
         for p in files.iter().chain([&self.path]) {
             while is_mounted(p) {
                 if rustix::mount::unmount(p, rustix::mount::UnmountFlags::DETACH).is_err() {
@@ -742,11 +752,7 @@ fn prepare_ahead_with(dir: &Path) -> Result<Ahead, String> {
         .and_then(|l| l.split_once(" kept="))
         .ok_or_else(|| format!("child said: {lines:?}"))?;
     let task = PathBuf::from(format!("/proc/{}/task/{tid}", s.pid()));
-    let ns = [
-        ns_inode(&task.join("ns/net"))?,
-        ns_inode(&task.join("ns/ipc"))?,
-        ns_inode(&task.join("ns/mnt"))?,
-    ];
+    let ns = ns_inodes(&task)?;
     let root_entries = std::fs::read_dir(task.join("root"))
         .map_err(|e| format!("the thread's root: {e}"))?
         .count();
@@ -761,7 +767,7 @@ fn prepare_ahead_with(dir: &Path) -> Result<Ahead, String> {
 /// The namespace inodes of the files kept in `dir`.
 fn kept_inodes(dir: &Path) -> [u64; 3] {
     use std::os::unix::fs::MetadataExt;
-    ["net", "ipc", "mnt"].map(|n| std::fs::metadata(dir.join(n)).map_or(0, |m| m.ino()))
+    KEPT_NS.map(|n| std::fs::metadata(dir.join(n)).map_or(0, |m| m.ino()))
 }
 
 /// As root, the first server makes its network, IPC and mount namespaces
@@ -773,11 +779,7 @@ fn kept_namespaces() -> TestResult {
     let dir = KeptDir {
         path: std::env::temp_dir().join(format!("immount-sandbox-ns-{}", std::process::id())),
     };
-    let host = [
-        ns_inode(Path::new("/proc/self/ns/net"))?,
-        ns_inode(Path::new("/proc/self/ns/ipc"))?,
-        ns_inode(Path::new("/proc/self/ns/mnt"))?,
-    ];
+    let host = ns_inodes(Path::new("/proc/self"))?;
     let first = prepare_ahead_with(&dir.path)?;
     ensure(first.kept.starts_with("made, and kept in"), || {
         format!("first: {}", first.kept)
