@@ -263,6 +263,24 @@ for d, m in med.items():
             cells.append(f"{v:.3f}")
     print(f"| {d} | " + " | ".join(cells) + " |")
 
+# The same ratios to the kernel taken run by run: the median over the runs
+# of each run's ratio, and its spread. The warm figures of one run are
+# taken side by side in turns, so their ratio within a run does not move
+# with the machine's slow spells, which the ratio of two medians above,
+# each over its own runs, can catch on one side only.
+print()
+print(f"ratios to the kernel, run by run: median of {len(by_run)} per-run ratios (min..max)")
+print("| driver | " + " | ".join(names[:5]) + " |")
+print("|---" * 6 + "|")
+for d in med:
+    if d == "kernel":
+        continue
+    cells = []
+    for i in range(5):
+        ratios = [r[d][i] / r["kernel"][i] for r in by_run.values() if d in r and "kernel" in r and r["kernel"][i] > 0]
+        cells.append(f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})" if ratios else "")
+    print(f"| {d} | " + " | ".join(cells) + " |")
+
 # The sandbox's cost: per run, the ratio of the two measurements taken back
 # to back; its median over the runs, and the spread (min..max).
 pairs = [r for r in by_run.values() if "immount" in r and "immount-nosandbox" in r]
