@@ -158,7 +158,8 @@ pub(crate) fn enter_as_root_thread(
             return Ok(Some(made(Kept::Joined(dir.to_owned()))));
         }
     }
-    let host_mounts = open_own_namespace("mnt");
+    // To keep what is made: the host's mount namespace, to come back to.
+    let host_mounts = kept_dir.map(|_| open_own_namespace("mnt"));
     let others = Namespaces {
         user: false,
         net: true,
@@ -170,10 +171,14 @@ pub(crate) fn enter_as_root_thread(
     }
     laps.lap("unshare (ahead)");
     // Their nsfs files, while /proc is still in sight.
-    let new: io::Result<Vec<OwnedFd>> = KEPT.iter().map(|(n, _)| open_own_namespace(n)).collect();
+    let new = kept_dir.map(|_| {
+        KEPT.iter()
+            .map(|(n, _)| open_own_namespace(n))
+            .collect::<io::Result<Vec<OwnedFd>>>()
+    });
     empty_root().map_err(SandboxError::MountNamespace)?;
     laps.lap("empty root (ahead)");
-    let Some(dir) = kept_dir else {
+    let (Some(dir), Some(host_mounts), Some(new)) = (kept_dir, host_mounts, new) else {
         return Ok(Some(made(Kept::Own)));
     };
     let kept = match (host_mounts, new) {
