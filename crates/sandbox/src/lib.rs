@@ -37,7 +37,9 @@
 //! 1. close every descriptor not kept (`close_range`);
 //! 2. limits: `RLIMIT_NOFILE`, `RLIMIT_CORE` = 0, `RLIMIT_DATA`;
 //! 3. namespaces: network, IPC and mount (as root directly, otherwise in a
-//!    user namespace), the root replaced by an empty read-only tmpfs;
+//!    user namespace), the root replaced by an empty read-only tmpfs; with
+//!    [`prepare_ahead`], the ones kept in [`KEPT_DIR`] are joined instead,
+//!    or made and kept there;
 //! 4. capability bounding and ambient sets emptied (needs `CAP_SETPCAP`,
 //!    so before the capabilities go);
 //! 5. every capability dropped but `CAP_SETUID`, `CAP_SETGID` (for the

@@ -37,6 +37,15 @@ pub(crate) struct Made {
     pub kept: Kept,
 }
 
+/// The server's own namespaces: network, IPC and mount (a user namespace
+/// only where root is missing, see [`enter`]).
+const SERVER_NAMESPACES: Namespaces = Namespaces {
+    user: false,
+    net: true,
+    mount: true,
+    ipc: true,
+};
+
 /// Where the namespaces made as root are kept for the servers that follow
 /// (the default of `SandboxConfig::kept_namespaces`).
 pub const KEPT_DIR: &str = "/run/immount/ns";
@@ -84,12 +93,6 @@ impl std::fmt::Display for Kept {
 /// still denies sockets and landlock still denies the filesystem — and is
 /// recorded in the report.
 pub(crate) fn enter(euid: u32, egid: u32, laps: &mut Laps) -> Result<Made, SandboxError> {
-    let others = Namespaces {
-        user: false,
-        net: true,
-        mount: true,
-        ipc: true,
-    };
     let mut made = Made {
         user: Step::Skipped("not needed: started as root".into()),
         net: Step::Done,
@@ -99,7 +102,7 @@ pub(crate) fn enter(euid: u32, egid: u32, laps: &mut Laps) -> Result<Made, Sandb
         kept: Kept::Own,
     };
     let direct = if euid == 0 {
-        unshare_namespaces(others)
+        unshare_namespaces(SERVER_NAMESPACES)
     } else {
         Err(io::Error::from_raw_os_error(libc::EPERM))
     };
@@ -110,7 +113,7 @@ pub(crate) fn enter(euid: u32, egid: u32, laps: &mut Laps) -> Result<Made, Sandb
         }
         match unshare_namespaces(Namespaces {
             user: true,
-            ..others
+            ..SERVER_NAMESPACES
         }) {
             Ok(()) => {
                 made.user = Step::Done;
@@ -160,13 +163,7 @@ pub(crate) fn enter_as_root_thread(
     }
     // To keep what is made: the host's mount namespace, to come back to.
     let host_mounts = kept_dir.map(|_| open_own_namespace("mnt"));
-    let others = Namespaces {
-        user: false,
-        net: true,
-        mount: true,
-        ipc: true,
-    };
-    if unshare_namespaces(others).is_err() {
+    if unshare_namespaces(SERVER_NAMESPACES).is_err() {
         return Ok(None);
     }
     laps.lap("unshare (ahead)");
