@@ -13,25 +13,32 @@
 //! The server sets itself up in a fixed order:
 //! 1. block SIGTERM/SIGINT/SIGHUP (inherited by every thread and process
 //!    started later);
-//! 2. as root with the sandbox on, start the "confine" thread, which makes
-//!    the server's network, IPC and mount namespaces and its empty root for
-//!    itself alone, then drops its own capabilities, sets `no_new_privs`
-//!    and enters its landlock domain, and builds the seccomp program
-//!    (`sandbox::prepare_ahead`), while the main thread goes on: most of
-//!    the confinement's work, which so costs the mount no time;
+//! 2. as root with the sandbox on, start the "confine" thread, which joins
+//!    (or makes and keeps) the server's network, IPC and mount namespaces
+//!    with their empty root, drops its own capabilities, sets
+//!    `no_new_privs`, enters its landlock domain and builds the seccomp
+//!    program (`sandbox::prepare_ahead`), while the main thread goes on;
 //! 3. open the image and its devices (a bad image fails here, exit code 1);
-//! 4. mount (directly, or through fusermount3) and answer INIT; open the
-//!    `/dev/fuse` clones of the worker threads;
-//! 5. with the sandbox (the default): fork — from the confine thread when
-//!    it prepared (the main thread waits for the pid meanwhile; the child
-//!    is a copy of that thread alone, born in its namespaces), otherwise
-//!    from the main thread, single-threaded again. The parent becomes the
-//!    supervisor: it keeps the right to unmount, which the confined server
-//!    loses, unmounts on those signals (the server then sees the end and
-//!    exits) and when the server fails or dies while still mounted, and
-//!    exits with it. The child confines itself (`sandbox::apply_prepared`
-//!    or `sandbox::apply`: see crates/sandbox) and serves. Without the
-//!    sandbox, one process does both;
+//! 4. as root with the thread prepared: open the session's `/dev/fuse`
+//!    file and the workers' ones and hand them, with the image, to the
+//!    thread, which forks the server from itself (the child is a copy of
+//!    that thread alone, born in its namespaces) while the main thread
+//!    mounts on a second descriptor of the same `/dev/fuse` file. The
+//!    child finishes confining itself (`sandbox::apply_prepared`)
+//!    meanwhile, and waits for one byte on a pipe that says the mount is
+//!    up; then it answers the kernel's INIT, attaches its workers' files to
+//!    the connection (an `ioctl`) and serves. So the fork and the
+//!    confinement cost the mount little: they run beside it. The main
+//!    thread becomes the supervisor: it keeps the right to unmount, which
+//!    the confined server loses, unmounts on those signals (the server then
+//!    sees the end and exits) and when the server fails or dies while
+//!    still mounted, and exits with it;
+//! 5. otherwise (not root, `--no-sandbox`, or where `mount(2)` is refused
+//!    and fusermount3 mounts): mount, answer INIT, open the workers'
+//!    `/dev/fuse` clones; with the sandbox, fork from the main thread,
+//!    single-threaded again: the parent supervises as above and the child
+//!    confines itself (`sandbox::apply`: see crates/sandbox) and serves.
+//!    Without the sandbox, one process does both;
 //! 6. report ready, and serve until unmounted. "Ready" always comes from a
 //!    server already confined: no request is read before.
 
@@ -196,6 +203,11 @@ impl ReadyNotifier {
         self.0.as_raw_fd()
     }
 
+    /// A second descriptor of the same pipe, for a child to report through.
+    fn try_clone(&self) -> std::io::Result<ReadyNotifier> {
+        self.0.try_clone().map(ReadyNotifier)
+    }
+
     /// Tell the parent why we failed.
     pub fn fail(mut self, e: &MountError) {
         let mut msg = vec![u8::try_from(e.code).unwrap_or(2).max(1)];
@@ -207,15 +219,6 @@ impl ReadyNotifier {
 /// Mount and serve until unmounted (or signalled); see the module docs.
 /// `notifier` hears "ready" or the error.
 pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), MountError> {
-    let fail = |notifier: Option<ReadyNotifier>, e: MountError| {
-        if let Some(n) = notifier {
-            n.fail(&e);
-        }
-        Err(e)
-    };
-    // As root, the slow part of the confinement (namespaces, the empty
-    // root) runs on a thread of its own while this one opens the image and
-    // mounts; see `Ahead`.
     // Blocked before any thread starts, so that every thread and process
     // inherits it.
     if let Err(e) = sys::block_termination_signals() {
@@ -224,6 +227,9 @@ pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), 
             MountError::usage(format!("cannot block signals: {e}")),
         );
     }
+    // As root, most of the confinement runs on a thread of its own while
+    // this one opens the image, and the server is forked from that thread
+    // while this one mounts; see `Ahead`.
     let ahead = if req.no_sandbox {
         None
     } else {
@@ -232,12 +238,29 @@ pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), 
             Err(e) => return fail(notifier, e),
         }
     };
-    let (session, mounted, image_fds) = match setup(req) {
-        Ok(s) => s,
+    let (opts, fs) = match open_image(req) {
+        Ok(o) => o,
         Err(e) => {
             drop(ahead);
             return fail(notifier, e);
         }
+    };
+    let (mut notifier, mut fs) = (notifier, fs);
+    if let Some(ahead) = ahead {
+        match ahead.prepared() {
+            Ok(Some(ahead)) => match serve_forked_ahead(req, &opts, fs, ahead, notifier) {
+                Early::Served(outcome) => return outcome,
+                Early::Fallback(n, f) => (notifier, fs) = (n, f),
+            },
+            // Not prepared (the thread has ended): the usual way below.
+            Ok(None) => {}
+            Err(e) => return fail(notifier, e),
+        }
+    }
+    let image_fds = fs.fds().to_vec();
+    let (session, mounted) = match mount_and_start(req, &opts, fs) {
+        Ok(s) => s,
+        Err(e) => return fail(notifier, e),
     };
     if req.no_sandbox {
         if let Err(e) = start_signal_thread(mounted.clone()) {
@@ -266,17 +289,21 @@ pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), 
         config,
         report: req.sandbox_report,
     };
-    let forked = match ahead {
-        Some(ahead) => ahead.fork_server(job),
-        None => fork_server_here(job),
-    };
-    match forked {
+    match fork_server_here(job) {
         Ok(server) => supervise(server, mounted),
         Err((notifier, e)) => {
             let _ = mounted.unmount();
             fail(notifier, e)
         }
     }
+}
+
+/// Report `e` through `notifier`, if any, and return it.
+fn fail(notifier: Option<ReadyNotifier>, e: MountError) -> Result<(), MountError> {
+    if let Some(n) = notifier {
+        n.fail(&e);
+    }
+    Err(e)
 }
 
 /// What the confined server is handed: its session, the ready pipe and
@@ -301,69 +328,252 @@ fn fork_server_here(job: Job) -> Result<u32, ForkError> {
         )),
         // The supervisor: nothing of the server's, only the mount.
         Ok(Some(server)) => Ok(server),
-        Ok(None) => run_server(job, None),
+        Ok(None) => run_server(job),
     }
 }
 
-/// The confined server, in the child of the fork: confine (the rest of it,
-/// when `prepared`), report ready, serve, and exit with the outcome; it
-/// never returns into the code that forked it.
-fn run_server(job: Job, prepared: Option<sandbox::Prepared>) -> ! {
+/// Exit code for an outcome, saying the error on stderr.
+fn exit_code(r: Result<(), MountError>) -> i32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("immount: {}", e.message);
+            e.code
+        }
+    }
+}
+
+/// The confined server, in the child of a fork from the single main thread
+/// (after the mount): confine, report ready, serve, and exit with the
+/// outcome; it never returns into the code that forked it.
+fn run_server(job: Job) -> ! {
     let Job {
         session,
         notifier,
         config,
         report,
     } = job;
-    let code = |r: Result<(), MountError>| match r {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("immount: {}", e.message);
-            e.code
-        }
-    };
     // glibc opens a /proc file the first time it trims a thread's arena:
     // never trim.
     if let Err(e) = sys::malloc_never_trim() {
         let e = MountError::usage(format!("allocator: {e}"));
-        if let Some(n) = notifier {
-            n.fail(&e);
-        }
-        std::process::exit(code(Err(e)));
+        std::process::exit(exit_code(fail(notifier, e)));
     }
-    let applied = match prepared {
-        Some(p) => sandbox::apply_prepared(&config, p),
-        None => sandbox::apply(&config),
-    };
-    let result = match applied {
+    let result = match sandbox::apply(&config) {
         // Partly confined: report and end; the supervisor unmounts.
-        Err(e) => {
-            let e = MountError::usage(format!("sandbox setup failed: {e}"));
-            if let Some(n) = notifier {
-                n.fail(&e);
-            }
-            Err(e)
-        }
+        Err(e) => fail(
+            notifier,
+            MountError::usage(format!("sandbox setup failed: {e}")),
+        ),
         Ok(r) => {
             let text = if report { r.to_string() } else { String::new() };
             report_ready_and_serve(session, notifier, &text, report)
         }
     };
-    std::process::exit(code(result));
+    std::process::exit(exit_code(result));
 }
 
+/// What the server forked from the pre-confining thread is handed, before
+/// the mount exists: the session on a `/dev/fuse` file the mount will be
+/// made on, with its workers' files (attached once mounted), the read end
+/// of the "go" pipe, its own descriptor of the ready pipe, and the
+/// sandbox to apply.
+struct EarlyJob {
+    session: Session,
+    go: std::os::fd::OwnedFd,
+    notifier: Option<ReadyNotifier>,
+    config: sandbox::SandboxConfig,
+    report: bool,
+}
+
+/// The byte on the "go" pipe that says the mount is up. Anything else, or
+/// nothing (end of file), means it failed and was reported already.
+const GO: u8 = b'M';
+
+/// The server forked from the pre-confining thread, while the main thread
+/// mounts: confine (the rest of it), wait for the mount, answer INIT,
+/// attach the workers, report ready, serve, and exit with the outcome; it
+/// never returns into the code that forked it.
+fn run_forked_server(job: EarlyJob, prepared: sandbox::Prepared) -> ! {
+    let EarlyJob {
+        mut session,
+        go,
+        notifier,
+        config,
+        report,
+    } = job;
+    if let Err(e) = sys::malloc_never_trim() {
+        let e = MountError::usage(format!("allocator: {e}"));
+        std::process::exit(exit_code(fail(notifier, e)));
+    }
+    let text = match sandbox::apply_prepared(&config, prepared) {
+        Ok(r) if report => r.to_string(),
+        Ok(_) => String::new(),
+        // Partly confined: report and end; the main thread, seeing the
+        // end, takes the mount down.
+        Err(e) => {
+            let e = MountError::usage(format!("sandbox setup failed: {e}"));
+            std::process::exit(exit_code(fail(notifier, e)));
+        }
+    };
+    let mut go = File::from(go);
+    let mut byte = [0u8; 1];
+    let mounted = loop {
+        match go.read(&mut byte) {
+            Ok(1) => break byte[0] == GO,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            _ => break false,
+        }
+    };
+    drop(go);
+    if !mounted {
+        // The mount failed; the main thread says why. Exit code 0 tells
+        // it that this process has said nothing.
+        std::process::exit(0);
+    }
+    let result = match session.init() {
+        Ok(()) => {
+            session.attach_workers();
+            report_ready_and_serve(session, notifier, &text, report)
+        }
+        Err(e) => fail(
+            notifier,
+            MountError::usage(format!("FUSE handshake failed: {e}")),
+        ),
+    };
+    std::process::exit(exit_code(result));
+}
+
+/// How [`serve_forked_ahead`] ended: served (or failed, and said so), or
+/// fell back to the usual way (with the ready pipe, which heard nothing,
+/// and the image).
+enum Early {
+    Served(Result<(), MountError>),
+    Fallback(Option<ReadyNotifier>, Arc<ErofsFs>),
+}
+
+/// As root with the thread prepared: everything the server will serve on
+/// is opened here, the server is forked from the prepared thread with it
+/// and finishes confining itself while this thread mounts, then hears
+/// "go" and answers the kernel itself. This thread becomes the supervisor.
+/// What a server costs the mount is then mostly hidden behind the mount
+/// itself. Falls back to the usual way only where `mount(2)` is refused
+/// (`EPERM`: fusermount3 is needed) or `/dev/fuse` cannot be opened.
+fn serve_forked_ahead(
+    req: &MountRequest,
+    opts: &ServeOptions,
+    fs: Arc<ErofsFs>,
+    ahead: Ahead,
+    notifier: Option<ReadyNotifier>,
+) -> Early {
+    let served = |notifier, e| Early::Served(fail(notifier, e));
+    // The fork copies the thread alone: no other thread but this one may
+    // exist. Counted now, while /proc is still in sight of this thread;
+    // none starts between here and the fork.
+    match thread_count() {
+        Ok(2) => {}
+        Ok(n) => {
+            let msg = format!("cannot start the confined server: {n} threads, 2 expected");
+            return served(notifier, MountError::usage(msg));
+        }
+        Err(e) => {
+            let msg = format!("cannot start the confined server: /proc/self/task: {e}");
+            return served(notifier, MountError::usage(msg));
+        }
+    }
+    let opened = (|| {
+        let fs: Arc<dyn crate::filesystem::Filesystem> = fs.clone();
+        let mut session = Session::new(sys::open_dev_fuse()?, fs, opts.session);
+        session.open_workers()?;
+        let mount_dev = session.dup_dev()?;
+        let (go_rx, go_tx) = sys::pipe()?;
+        let child_notifier = notifier
+            .as_ref()
+            .map(ReadyNotifier::try_clone)
+            .transpose()?;
+        Ok::<_, std::io::Error>((session, mount_dev, go_rx, go_tx, child_notifier))
+    })();
+    let Ok((session, mount_dev, go_rx, go_tx, child_notifier)) = opened else {
+        ahead.abandon();
+        return Early::Fallback(notifier, fs);
+    };
+    let mut keep = session.fds();
+    keep.extend(fs.fds());
+    keep.push(go_rx.as_raw_fd());
+    keep.extend(child_notifier.as_ref().map(ReadyNotifier::raw_fd));
+    keep.push(2);
+    let job = EarlyJob {
+        session,
+        go: go_rx,
+        notifier: child_notifier,
+        config: sandbox::SandboxConfig {
+            keep_fds: keep,
+            ..sandbox::SandboxConfig::default()
+        },
+        report: req.sandbox_report,
+    };
+    if ahead.jobs.send(job).is_err() {
+        let _ = ahead.thread.join();
+        return served(notifier, MountError::usage(AHEAD_ENDED));
+    }
+    // Until `forked` returns, the fork may be under way: this thread takes
+    // no lock of its own meanwhile (see `sys::fork_from_thread`); it only
+    // makes system calls and allocates.
+    let mounted = mount::mount_direct(&mount_dev, &req.mountpoint, &opts.mount);
+    if let Ok(m) = &mounted {
+        mount::raise_readahead(m.mountpoint(), opts.readahead_kib);
+    }
+    let forked = ahead.forked();
+    let mounted = match mounted {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            // The server hears no "go" and ends without a word, unless it
+            // failed and said so itself (exit code not 0).
+            drop(go_tx);
+            let quiet = match forked {
+                Ok(pid) => sandbox::supervise(pid, |_| {}).is_ok_and(|s| s.success()),
+                Err(_) => true,
+            };
+            if e.raw_os_error() == Some(libc::EPERM) && quiet {
+                return Early::Fallback(notifier, fs);
+            }
+            let e = MountError::usage(format!("cannot mount on {}: {e}", req.mountpoint.display()));
+            if quiet {
+                return served(notifier, e);
+            }
+            return Early::Served(Err(e));
+        }
+    };
+    let server = match forked {
+        Ok(pid) => pid,
+        Err(e) => {
+            let _ = mounted.unmount();
+            return served(notifier, e);
+        }
+    };
+    // Go. A server that has died already makes this fail; the supervisor
+    // then learns why from its exit.
+    let _ = (&File::from(go_tx)).write_all(&[GO]);
+    // The server speaks from here on: the supervisor keeps none of its
+    // descriptors (and closes them before `prepare_supervisor` does).
+    drop((mount_dev, notifier, fs));
+    Early::Served(supervise(server, mounted))
+}
+
+/// The ended thread's error.
+const AHEAD_ENDED: &str = "the confining thread ended early";
+
 /// The pre-confining thread, started as root (see `sandbox::prepare_ahead`):
-/// it makes the server's namespaces and empty root and confines itself as
-/// far as a thread's own state goes (capabilities, `no_new_privs`,
-/// landlock) while the main thread opens the image and mounts, then waits
-/// for the server's [`Job`] and forks the server from itself, so that the
-/// child is born in them and with them. The main thread, which keeps root
-/// and its capabilities for the supervisor, meanwhile only waits for the
-/// child's pid.
+/// it makes or joins the server's namespaces and confines itself as far as
+/// a thread's own state goes (capabilities, `no_new_privs`, landlock) while
+/// the main thread opens the image, then takes the server's [`EarlyJob`]
+/// and forks the server from itself, so that the child is born in them and
+/// with them, while the main thread mounts. The main thread keeps root and
+/// its capabilities for the supervisor.
 struct Ahead {
     prepared: std::sync::mpsc::Receiver<Result<bool, String>>,
-    jobs: std::sync::mpsc::SyncSender<Job>,
-    forked: std::sync::mpsc::Receiver<Result<u32, ForkError>>,
+    jobs: std::sync::mpsc::SyncSender<EarlyJob>,
+    forked: std::sync::mpsc::Receiver<Result<u32, String>>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -376,7 +586,7 @@ impl Ahead {
             return Ok(None);
         }
         let (prepared_tx, prepared) = mpsc::sync_channel(1);
-        let (jobs, job_rx) = mpsc::sync_channel::<Job>(1);
+        let (jobs, job_rx) = mpsc::sync_channel::<EarlyJob>(1);
         let (forked_tx, forked) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("confine".into())
@@ -389,21 +599,21 @@ impl Ahead {
                     };
                 let _ = prepared_tx.send(status);
                 let Some(prepared) = prepared else { return };
-                // An error: no server (the mount failed); what this thread
-                // made ends with it.
+                // An error: no server (the image failed, or the main
+                // thread went the usual way); what this thread made ends
+                // with it.
                 let Ok(job) = job_rx.recv() else { return };
-                match sys::fork_from_waited_thread() {
+                match sys::fork_from_thread() {
                     Ok(Some(pid)) => {
                         // The supervisor first; then our copies of the
-                        // server's descriptors close here (the ready pipe's
-                        // among them: the child reports only after a while).
+                        // server's descriptors close here.
                         let _ = forked_tx.send(Ok(pid));
                         drop(job);
                     }
-                    Ok(None) => run_server(job, Some(prepared)),
+                    Ok(None) => run_forked_server(job, prepared),
                     Err(e) => {
-                        let msg = format!("cannot start the confined server: {e}");
-                        let _ = forked_tx.send(Err((job.notifier, MountError::usage(msg))));
+                        let _ =
+                            forked_tx.send(Err(format!("cannot start the confined server: {e}")));
                     }
                 }
             })
@@ -416,49 +626,35 @@ impl Ahead {
         }))
     }
 
-    /// Fork the server: from the thread when it prepared the namespaces,
-    /// otherwise (it could not make them directly) from here once it has
-    /// ended, the usual way.
-    fn fork_server(self, job: Job) -> Result<u32, ForkError> {
-        let ended = "the confining thread ended early";
-        // The fork copies the confine thread alone: no other thread but
-        // this one (waiting below) may exist, or it could hold a lock the
-        // child needs. Counted now, while the thread may still be
-        // preparing (it is alive until it has the job, or has failed to
-        // prepare, which the answer below says), and where /proc is still
-        // in sight; no thread starts between here and the fork.
-        let threads = thread_count();
+    /// Wait until the thread has prepared: `Some(self)` when it did, `None`
+    /// when it could not make the namespaces directly (it has then ended,
+    /// and the server is forked the usual way).
+    fn prepared(self) -> Result<Option<Ahead>, MountError> {
         match self.prepared.recv() {
-            Ok(Ok(true)) => {}
+            Ok(Ok(true)) => Ok(Some(self)),
             Ok(Ok(false)) => {
-                drop(self.jobs);
-                let _ = self.thread.join();
-                return fork_server_here(job);
+                self.abandon();
+                Ok(None)
             }
-            Ok(Err(e)) => {
-                let msg = format!("sandbox setup failed: {e}");
-                return Err((job.notifier, MountError::usage(msg)));
-            }
-            Err(_) => return Err((job.notifier, MountError::usage(ended.to_owned()))),
+            Ok(Err(e)) => Err(MountError::usage(format!("sandbox setup failed: {e}"))),
+            Err(_) => Err(MountError::usage(AHEAD_ENDED)),
         }
-        match threads {
-            Ok(2) => {}
-            Ok(n) => {
-                let msg = format!("cannot start the confined server: {n} threads, 2 expected");
-                return Err((job.notifier, MountError::usage(msg)));
-            }
-            Err(e) => {
-                let msg = format!("cannot start the confined server: /proc/self/task: {e}");
-                return Err((job.notifier, MountError::usage(msg)));
-            }
-        }
-        if let Err(std::sync::mpsc::SendError(job)) = self.jobs.send(job) {
-            return Err((job.notifier, MountError::usage(ended.to_owned())));
-        }
-        let outcome = self
-            .forked
-            .recv()
-            .unwrap_or_else(|_| Err((None, MountError::usage(ended.to_owned()))));
+    }
+
+    /// Let the thread end without a server, and wait until it has.
+    fn abandon(self) {
+        drop(self.jobs);
+        let _ = self.thread.join();
+    }
+
+    /// Wait until the thread has forked the server (its pid), and has
+    /// ended.
+    fn forked(self) -> Result<u32, MountError> {
+        let outcome = match self.forked.recv() {
+            Ok(Ok(pid)) => Ok(pid),
+            Ok(Err(e)) => Err(MountError::usage(e)),
+            Err(_) => Err(MountError::usage(AHEAD_ENDED)),
+        };
         let _ = self.thread.join();
         outcome
     }
@@ -552,14 +748,14 @@ fn supervisor_fds(mounted: &mount::Mounted) -> Vec<RawFd> {
     keep
 }
 
-fn setup(req: &MountRequest) -> Result<(Session, Arc<mount::Mounted>, Vec<RawFd>), MountError> {
+/// Parse the options and open the image (a bad image fails here, with
+/// [`EXIT_BAD_IMAGE`]).
+fn open_image(req: &MountRequest) -> Result<(ServeOptions, Arc<ErofsFs>), MountError> {
     let mut opts = parse_options(&req.options, &req.image)?;
     if !req.no_sandbox {
         // Confined, the server may not open /proc to look at its callers.
         opts.session.read_proc = false;
     }
-    sys::block_termination_signals()
-        .map_err(|e| MountError::usage(format!("cannot block signals: {e}")))?;
     let devices: Vec<&Path> = req.devices.iter().map(PathBuf::as_path).collect();
     let fs =
         ErofsFs::open(&req.image, &devices, opts.low_memory, &req.verity).map_err(|e| match e {
@@ -584,12 +780,22 @@ fn setup(req: &MountRequest) -> Result<(Session, Arc<mount::Mounted>, Vec<RawFd>
                 }
             }
         })?;
-    let image_fds = fs.fds().to_vec();
+    Ok((opts, Arc::new(fs)))
+}
+
+/// Mount (directly, or through fusermount3), answer INIT, raise the
+/// readahead and open the workers' `/dev/fuse` clones: the usual way, in
+/// one thread, before any fork.
+fn mount_and_start(
+    req: &MountRequest,
+    opts: &ServeOptions,
+    fs: Arc<ErofsFs>,
+) -> Result<(Session, Arc<mount::Mounted>), MountError> {
     let (dev, mounted) = mount::mount(&req.mountpoint, &opts.mount).map_err(|e| {
         MountError::usage(format!("cannot mount on {}: {e}", req.mountpoint.display()))
     })?;
     let mounted = Arc::new(mounted);
-    let mut session = Session::new(dev, Arc::new(fs), opts.session);
+    let mut session = Session::new(dev, fs, opts.session);
     if let Err(e) = session.init() {
         let _ = mounted.unmount();
         return Err(MountError::usage(format!("FUSE handshake failed: {e}")));
@@ -599,7 +805,7 @@ fn setup(req: &MountRequest) -> Result<(Session, Arc<mount::Mounted>, Vec<RawFd>
         let _ = mounted.unmount();
         return Err(MountError::usage(format!("cannot clone /dev/fuse: {e}")));
     }
-    Ok((session, mounted, image_fds))
+    Ok((session, mounted))
 }
 
 /// Start this program again in the background with the same arguments and

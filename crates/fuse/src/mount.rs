@@ -107,6 +107,27 @@ pub fn mount(mountpoint: &Path, opts: &MountOptions) -> io::Result<(File, Mounte
         }
         Err(e) => return Err(e),
     };
+    match mount_resolved(&dev, mountpoint.clone(), opts) {
+        Ok(mounted) => Ok((dev, mounted)),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            drop(dev);
+            mount_with_fusermount(mountpoint, opts)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Mount with `mount(2)` on `dev`, a `/dev/fuse` file opened by the
+/// caller (so that a server may hold it before the mount is made). Fails
+/// with `EPERM` where this process may not mount, where [`mount`] turns to
+/// fusermount3.
+pub fn mount_direct(dev: &File, mountpoint: &Path, opts: &MountOptions) -> io::Result<Mounted> {
+    // Resolved now: once mounted, looking at the path waits for the server.
+    mount_resolved(dev, std::fs::canonicalize(mountpoint)?, opts)
+}
+
+/// [`mount_direct`] on a mount point already resolved.
+fn mount_resolved(dev: &File, mountpoint: PathBuf, opts: &MountOptions) -> io::Result<Mounted> {
     let (uid, gid) = sys::real_ids();
     let mut data = format!(
         "fd={},rootmode=40000,user_id={uid},group_id={gid},default_permissions",
@@ -119,19 +140,8 @@ pub fn mount(mountpoint: &Path, opts: &MountOptions) -> io::Result<(File, Mounte
         nosuid: !opts.suid,
         nodev: !opts.dev,
     };
-    match sys::mount_fuse(&opts.fsname, mountpoint, "fuse.immount", flags, &data) {
-        Ok(()) => Ok((
-            dev,
-            Mounted::Direct {
-                mountpoint: mountpoint.to_owned(),
-            },
-        )),
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            drop(dev);
-            mount_with_fusermount(mountpoint, opts)
-        }
-        Err(e) => Err(e),
-    }
+    sys::mount_fuse(&opts.fsname, &mountpoint, "fuse.immount", flags, &data)?;
+    Ok(Mounted::Direct { mountpoint })
 }
 
 fn mount_with_fusermount(mountpoint: &Path, opts: &MountOptions) -> io::Result<(File, Mounted)> {

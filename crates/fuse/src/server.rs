@@ -91,6 +91,11 @@ pub struct Session {
     /// `/dev/fuse` files for the other workers, made in advance by
     /// [`Session::prepare_workers`].
     worker_devs: Vec<File>,
+    /// `/dev/fuse` files opened for workers and not yet attached (see
+    /// [`Session::open_workers`]).
+    unattached: Vec<File>,
+    /// Whether [`Session::open_workers`] ran.
+    workers_opened: bool,
     /// The body of the thread that pushes files ahead, when pushing.
     push_thread: Option<PushThread>,
 }
@@ -139,6 +144,8 @@ impl Session {
                 pusher,
             }),
             worker_devs: Vec::new(),
+            unattached: Vec::new(),
+            workers_opened: false,
             push_thread,
         }
     }
@@ -147,16 +154,49 @@ impl Session {
     /// process may still open files (a sandbox forbids it later). Where
     /// `/dev/fuse` cannot be opened (a plain user when it is mode 0600,
     /// behind fusermount3), the workers share one file, which also works.
+    /// Call it once mounted; see [`Session::open_workers`] for a session
+    /// opened before the mount.
     pub fn prepare_workers(&mut self) -> io::Result<()> {
+        self.open_workers()?;
+        self.attach_workers();
+        Ok(())
+    }
+
+    /// Open the `/dev/fuse` files of the other workers, not yet attached to
+    /// the connection: the part of [`Session::prepare_workers`] that needs
+    /// the filesystem, done before the mount by a server that confines
+    /// itself meanwhile ([`Session::attach_workers`] follows, once
+    /// mounted). Where `/dev/fuse` cannot be opened, the workers share the
+    /// session's file.
+    pub fn open_workers(&mut self) -> io::Result<()> {
+        self.workers_opened = true;
         let threads = self.config.threads.clamp(1, 64);
-        while self.worker_devs.len() + 1 < threads {
-            let dev = match immount_sys::fuse::clone_dev_fuse(self.dev.as_fd()) {
-                Ok(dev) => dev,
-                Err(_) => self.dev.try_clone()?,
-            };
-            self.worker_devs.push(dev);
+        while self.worker_devs.len() + self.unattached.len() + 1 < threads {
+            match immount_sys::fuse::open_dev_fuse() {
+                Ok(dev) => self.unattached.push(dev),
+                Err(_) => self.worker_devs.push(self.dev.try_clone()?),
+            }
         }
         Ok(())
+    }
+
+    /// Attach the files [`Session::open_workers`] opened to this session's
+    /// connection, which needs only an `ioctl` (a confined server may make
+    /// it). A file that cannot be attached is closed, and one worker fewer
+    /// serves.
+    pub fn attach_workers(&mut self) {
+        for dev in std::mem::take(&mut self.unattached) {
+            if immount_sys::fuse::attach_dev_fuse(dev.as_fd(), self.dev.as_fd()).is_ok() {
+                self.worker_devs.push(dev);
+            }
+        }
+    }
+
+    /// A second descriptor of the session's `/dev/fuse` file (the same
+    /// open file): to mount with, by a process that hands the session
+    /// itself to another.
+    pub fn dup_dev(&self) -> io::Result<File> {
+        self.dev.try_clone()
     }
 
     /// Every descriptor the session serves on, for a sandbox to keep.
@@ -164,6 +204,7 @@ impl Session {
         use std::os::fd::AsRawFd;
         std::iter::once(&self.dev)
             .chain(&self.worker_devs)
+            .chain(&self.unattached)
             .map(AsRawFd::as_raw_fd)
             .collect()
     }
@@ -236,7 +277,12 @@ impl Session {
     /// when all have seen the end.
     pub fn serve(mut self) -> io::Result<()> {
         // A clone has its own processing queue, so workers do not contend.
-        self.prepare_workers()?;
+        // Files are opened here only if nobody did before (a confined
+        // server may not open any).
+        if !self.workers_opened {
+            self.open_workers()?;
+        }
+        self.attach_workers();
         let dev = Arc::new(self.dev);
         let push = match self.push_thread.take() {
             Some(body) => {

@@ -652,6 +652,43 @@ fn bad_image_and_bad_usage_exit_codes() {
     assert!(!is_mounted(&mp.canonicalize().unwrap()));
 }
 
+/// As root the confined server is forked while the mount is being made
+/// (see crates/fuse/src/daemon.rs): when `mount(2)` then fails (here: a
+/// directory's root over a regular file), the forked server must end
+/// without a word and leave nothing behind, and the one error line is the
+/// mount's.
+#[test]
+fn a_mount_failing_after_the_server_was_forked_leaves_nothing() {
+    require_root!();
+    let dir = TempDir::new("late-fail");
+    let target = dir.0.join("a-file");
+    std::fs::write(&target, b"not a directory").unwrap();
+    let target = target.canonicalize().unwrap();
+    let _guard = MountGuard {
+        mountpoint: target.clone(),
+    };
+    for extra in [&[][..], &["--sandbox-report"][..]] {
+        let out = Command::new(bin())
+            .arg("mount")
+            .args(extra)
+            .arg(corpus_dir().join("images/plain.erofs"))
+            .arg(&target)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+        assert!(err.contains("cannot mount on"), "{err}");
+        assert!(!is_mounted(&target));
+        assert_eq!(
+            processes_naming(target.to_str().unwrap()),
+            Vec::new(),
+            "a server or supervisor was left behind"
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"not a directory");
+    }
+}
+
 /// A kernel EROFS mount of `image` (loop, read-only); the guard unmounts.
 /// `None` when the kernel cannot mount EROFS here.
 fn kernel_mount(image: &Path, mountpoint: &Path) -> Option<MountGuard> {

@@ -42,10 +42,20 @@ pub fn open_dev_fuse() -> io::Result<File> {
 /// a file (and its processing queue) with the first.
 pub fn clone_dev_fuse(session: BorrowedFd<'_>) -> io::Result<File> {
     let clone = open_dev_fuse()?;
+    attach_dev_fuse(clone.as_fd(), session)?;
+    Ok(clone)
+}
+
+/// Attach `clone`, a `/dev/fuse` file opened earlier and not yet attached
+/// to anything, to the FUSE connection of `session` (`FUSE_DEV_IOC_CLONE`).
+/// Opening needs the filesystem and attaching needs the mount: a server
+/// that confines itself before the mount is up opens first and attaches
+/// afterwards.
+pub fn attach_dev_fuse(clone: BorrowedFd<'_>, session: BorrowedFd<'_>) -> io::Result<()> {
     let session_fd: u32 = u32::try_from(session.as_raw_fd())
         .map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: `clone` is an open /dev/fuse file we own for the duration of
-    // the call; FUSE_DEV_IOC_CLONE reads exactly one u32 (the fd of the
+    // SAFETY: `clone` is a descriptor borrowed for the duration of the
+    // call; FUSE_DEV_IOC_CLONE reads exactly one u32 (the fd of the
     // session to attach to) from the pointer, which points to a live local.
     let rc = unsafe {
         libc::ioctl(
@@ -57,7 +67,7 @@ pub fn clone_dev_fuse(session: BorrowedFd<'_>) -> io::Result<File> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(clone)
+    Ok(())
 }
 
 /// Options of a direct FUSE mount.
@@ -291,23 +301,25 @@ pub fn fork_single_threaded() -> io::Result<Option<u32>> {
     }
 }
 
-/// `fork(2)` from a thread while the process's other threads wait for it:
-/// `Ok(None)` in the child, which is a copy of the calling thread alone,
+/// `fork(2)` from a thread of a process with one other thread: `Ok(None)`
+/// in the child, which is a copy of the calling thread alone,
 /// `Ok(Some(pid))` in the parent. The server's pre-confined thread uses it
-/// (see `sandbox::prepare_ahead`): the main thread then sits in a channel
-/// receive, waiting for the pid, and the child runs only its own code and
-/// exits without returning into the thread's caller.
+/// (see `sandbox::prepare_ahead`) while the main thread mounts, and the
+/// child runs only the code of the job it was handed, and exits without
+/// returning into the thread's caller.
 ///
-/// The caller's promise: every other thread is blocked waiting on this
-/// one, outside any lock, and makes no other thread meanwhile.
-pub fn fork_from_waited_thread() -> io::Result<Option<u32>> {
+/// The caller's promise: the other thread, from the moment it handed the
+/// job over until it learns the fork is done, takes no lock of its own
+/// (Rust's, such as the standard streams' or the environment's): it only
+/// makes system calls and allocates, and makes no thread.
+pub fn fork_from_thread() -> io::Result<Option<u32>> {
     // SAFETY: memory is not at stake in fork itself: the child gets a copy
     // of the address space. What a fork from a threaded process risks is a
-    // lock held by a thread missing in the child; by the caller's promise
-    // the only other threads are blocked waiting on this one, holding no
-    // lock, and glibc's fork takes and reinitialises its own allocator
-    // locks around the call, so the child may allocate and run ordinary
-    // Rust code.
+    // lock held by a thread missing in the child. By the caller's promise
+    // the other thread holds no lock of its own across the fork; the locks
+    // it may hold inside glibc are the allocator's, which glibc's fork takes
+    // before copying and resets in the child, so the child may allocate and
+    // run ordinary Rust code.
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(io::Error::last_os_error()),
