@@ -13,17 +13,19 @@
 //! The server sets itself up in a fixed order:
 //! 1. block SIGTERM/SIGINT/SIGHUP (inherited by every thread and process
 //!    started later);
-//! 2. as root with the sandbox on, start the "confine" thread, which joins
+//! 2. as root with the sandbox on, start the "confine" thread (on another
+//!    CPU than the main thread's, where there is one), which joins
 //!    (or makes and keeps) the server's network, IPC and mount namespaces
 //!    with their empty root, drops its own capabilities, sets
 //!    `no_new_privs`, enters its landlock domain and builds the seccomp
 //!    program (`sandbox::prepare_ahead`), while the main thread goes on;
 //! 3. open the image and its devices (a bad image fails here, exit code 1);
-//! 4. as root with the thread prepared: open the session's `/dev/fuse`
-//!    file and the workers' ones and hand them, with the image, to the
-//!    thread, which forks the server from itself (the child is a copy of
+//! 4. as root: open the session's `/dev/fuse` file and the workers' ones
+//!    and hand them, with the image, to the thread, which, once prepared,
+//!    forks the server from itself (the child is a copy of
 //!    that thread alone, born in its namespaces) while the main thread
-//!    mounts on a second descriptor of the same `/dev/fuse` file. The
+//!    mounts on a second descriptor of the same `/dev/fuse` file (without
+//!    ever waiting for the thread before it has mounted). The
 //!    child finishes confining itself (`sandbox::apply_prepared`)
 //!    meanwhile, and waits for one byte on a pipe that says the mount is
 //!    up; then it answers the kernel's INIT, attaches its workers' files to
@@ -33,8 +35,9 @@
 //!    the confined server loses, unmounts on those signals (the server then
 //!    sees the end and exits) and when the server fails or dies while
 //!    still mounted, and exits with it;
-//! 5. otherwise (not root, `--no-sandbox`, or where `mount(2)` is refused
-//!    and fusermount3 mounts): mount, answer INIT, open the workers'
+//! 5. otherwise (not root, `--no-sandbox`, a thread that could not make
+//!    the namespaces, or where `mount(2)` is refused and fusermount3
+//!    mounts): mount, answer INIT, open the workers'
 //!    `/dev/fuse` clones; with the sandbox, fork from the main thread,
 //!    single-threaded again: the parent supervises as above and the child
 //!    confines itself (`sandbox::apply`: see crates/sandbox) and serves.
@@ -247,14 +250,12 @@ pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), 
     };
     let (mut notifier, mut fs) = (notifier, fs);
     if let Some(ahead) = ahead {
-        match ahead.prepared() {
-            Ok(Some(ahead)) => match serve_forked_ahead(req, &opts, fs, ahead, notifier) {
-                Early::Served(outcome) => return outcome,
-                Early::Fallback(n, f) => (notifier, fs) = (n, f),
-            },
-            // Not prepared (the thread has ended): the usual way below.
-            Ok(None) => {}
-            Err(e) => return fail(notifier, e),
+        match serve_forked_ahead(req, &opts, fs, ahead, notifier) {
+            Early::Served(outcome) => return outcome,
+            Early::Mounted(n, session, mounted, image_fds) => {
+                return serve_confined(req, session, mounted, image_fds, n);
+            }
+            Early::Fallback(n, f) => (notifier, fs) = (n, f),
         }
     }
     let image_fds = fs.fds().to_vec();
@@ -275,6 +276,19 @@ pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), 
         };
         return report_ready_and_serve(session, notifier, &text, req.sandbox_report);
     }
+    serve_confined(req, session, mounted, image_fds, notifier)
+}
+
+/// The usual way with the sandbox, once mounted and started: fork from
+/// this (single) thread; the child confines itself and serves, and this
+/// process supervises.
+fn serve_confined(
+    req: &MountRequest,
+    session: Session,
+    mounted: Arc<mount::Mounted>,
+    image_fds: Vec<RawFd>,
+    notifier: Option<ReadyNotifier>,
+) -> Result<(), MountError> {
     let mut keep = session.fds();
     keep.extend(image_fds);
     keep.extend(notifier.as_ref().map(ReadyNotifier::raw_fd));
@@ -444,21 +458,33 @@ fn run_forked_server(job: EarlyJob, prepared: sandbox::Prepared) -> ! {
     std::process::exit(exit_code(result));
 }
 
-/// How [`serve_forked_ahead`] ended: served (or failed, and said so), or
-/// fell back to the usual way (with the ready pipe, which heard nothing,
-/// and the image).
+/// How [`serve_forked_ahead`] ended: served (or failed, and said so);
+/// mounted, but the thread could not prepare, so the server is to be
+/// forked the usual way (with the ready pipe, which heard nothing, the
+/// session, started, and the image's descriptors); or fell back to the
+/// usual way from the start (with the ready pipe and the image).
 enum Early {
     Served(Result<(), MountError>),
+    Mounted(
+        Option<ReadyNotifier>,
+        Session,
+        Arc<mount::Mounted>,
+        Vec<RawFd>,
+    ),
     Fallback(Option<ReadyNotifier>, Arc<ErofsFs>),
 }
 
-/// As root with the thread prepared: everything the server will serve on
-/// is opened here, the server is forked from the prepared thread with it
-/// and finishes confining itself while this thread mounts, then hears
-/// "go" and answers the kernel itself. This thread becomes the supervisor.
-/// What a server costs the mount is then mostly hidden behind the mount
-/// itself. Falls back to the usual way only where `mount(2)` is refused
-/// (`EPERM`: fusermount3 is needed) or `/dev/fuse` cannot be opened.
+/// As root, with the pre-confining thread started: everything the server
+/// will serve on is opened here and handed to the thread, which forks the
+/// server from itself as soon as it has prepared; the server finishes
+/// confining itself while this thread mounts, then hears "go" and answers
+/// the kernel itself. This thread becomes the supervisor. What a server
+/// costs the mount is then mostly hidden behind the mount itself.
+///
+/// This thread never waits for the other before it has mounted: the job
+/// is handed over at once, and the thread takes it when it is ready,
+/// without sleeping if it is there (a thread woken up on this 2-CPU
+/// machine took up to 0.4 ms to run again).
 fn serve_forked_ahead(
     req: &MountRequest,
     opts: &ServeOptions,
@@ -512,27 +538,28 @@ fn serve_forked_ahead(
         },
         report: req.sandbox_report,
     };
+    // A channel of one: the send never waits.
     if ahead.jobs.send(job).is_err() {
         let _ = ahead.thread.join();
         return served(notifier, MountError::usage(AHEAD_ENDED));
     }
-    // Until `forked` returns, the fork may be under way: this thread takes
-    // no lock of its own meanwhile (see `sys::fork_from_thread`); it only
-    // makes system calls and allocates.
+    // Until `outcome` returns, the fork may be under way: this thread
+    // takes no lock of its own meanwhile (see `sys::fork_from_thread`); it
+    // only makes system calls and allocates.
     let mounted = mount::mount_direct(&mount_dev, &req.mountpoint, &opts.mount);
     if let Ok(m) = &mounted {
         mount::raise_readahead(m.mountpoint(), opts.readahead_kib);
     }
-    let forked = ahead.forked();
+    let outcome = ahead.outcome();
     let mounted = match mounted {
         Ok(m) => Arc::new(m),
         Err(e) => {
             // The server hears no "go" and ends without a word, unless it
             // failed and said so itself (exit code not 0).
             drop(go_tx);
-            let quiet = match forked {
-                Ok(pid) => sandbox::supervise(pid, |_| {}).is_ok_and(|s| s.success()),
-                Err(_) => true,
+            let quiet = match outcome {
+                Outcome::Forked(pid) => sandbox::supervise(pid, |_| {}).is_ok_and(|s| s.success()),
+                Outcome::NotPrepared | Outcome::Failed(_) => true,
             };
             if e.raw_os_error() == Some(libc::EPERM) && quiet {
                 return Early::Fallback(notifier, fs);
@@ -544,9 +571,20 @@ fn serve_forked_ahead(
             return Early::Served(Err(e));
         }
     };
-    let server = match forked {
-        Ok(pid) => pid,
-        Err(e) => {
+    let server = match outcome {
+        Outcome::Forked(pid) => pid,
+        // The namespaces could not be made directly: a session on the
+        // mount's file, started here, for the usual fork.
+        Outcome::NotPrepared => {
+            let image_fds = fs.fds().to_vec();
+            let fs: Arc<dyn crate::filesystem::Filesystem> = fs;
+            let session = Session::new(mount_dev, fs, opts.session);
+            return match start_session(session, mounted, opts) {
+                Ok((session, mounted)) => Early::Mounted(notifier, session, mounted, image_fds),
+                Err(e) => served(notifier, e),
+            };
+        }
+        Outcome::Failed(e) => {
             let _ = mounted.unmount();
             return served(notifier, e);
         }
@@ -563,6 +601,24 @@ fn serve_forked_ahead(
 /// The ended thread's error.
 const AHEAD_ENDED: &str = "the confining thread ended early";
 
+/// How long the pre-confining thread, once prepared, looks for its job
+/// without sleeping (see [`serve_forked_ahead`]): longer than opening an
+/// image takes with the page cache warm (0.2-0.3 ms here); with it cold
+/// (3 ms and more) the thread sleeps rather than hold a CPU.
+const SPIN_FOR_JOB: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// What became of the pre-confining thread.
+enum Outcome {
+    /// It forked the server, whose pid this is.
+    Forked(u32),
+    /// It could not make the namespaces directly (root without
+    /// `CAP_SYS_ADMIN`, as in some containers): the server is to be forked
+    /// the usual way.
+    NotPrepared,
+    /// Its preparation or its fork failed.
+    Failed(MountError),
+}
+
 /// The pre-confining thread, started as root (see `sandbox::prepare_ahead`):
 /// it makes or joins the server's namespaces and confines itself as far as
 /// a thread's own state goes (capabilities, `no_new_privs`, landlock) while
@@ -571,9 +627,8 @@ const AHEAD_ENDED: &str = "the confining thread ended early";
 /// with them, while the main thread mounts. The main thread keeps root and
 /// its capabilities for the supervisor.
 struct Ahead {
-    prepared: std::sync::mpsc::Receiver<Result<bool, String>>,
     jobs: std::sync::mpsc::SyncSender<EarlyJob>,
-    forked: std::sync::mpsc::Receiver<Result<u32, String>>,
+    outcome: std::sync::mpsc::Receiver<Result<u32, Option<String>>>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -585,60 +640,64 @@ impl Ahead {
         if !rustix::process::geteuid().is_root() {
             return Ok(None);
         }
-        let (prepared_tx, prepared) = mpsc::sync_channel(1);
         let (jobs, job_rx) = mpsc::sync_channel::<EarlyJob>(1);
-        let (forked_tx, forked) = mpsc::sync_channel(1);
+        // The CPUs the thread may use again before it forks (see below).
+        let (cpus_tx, cpus_rx) = mpsc::sync_channel::<sys::CpuMask>(1);
+        // Ok(pid); Err(None): not prepared; Err(Some(why)): failed.
+        let (outcome_tx, outcome) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("confine".into())
             .spawn(move || {
-                let (status, prepared) =
-                    match sandbox::prepare_ahead(&sandbox::SandboxConfig::default()) {
-                        Ok(Some(p)) => (Ok(true), Some(p)),
-                        Ok(None) => (Ok(false), None),
-                        Err(e) => (Err(e.to_string()), None),
-                    };
-                let _ = prepared_tx.send(status);
-                let Some(prepared) = prepared else { return };
-                // An error: no server (the image failed, or the main
-                // thread went the usual way); what this thread made ends
-                // with it.
-                let Ok(job) = job_rx.recv() else { return };
+                let prepared = match sandbox::prepare_ahead(&sandbox::SandboxConfig::default()) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => {
+                        let _ = outcome_tx.send(Err(None));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = outcome_tx.send(Err(Some(format!("sandbox setup failed: {e}"))));
+                        return;
+                    }
+                };
+                // None: no server (the main thread failed, or went the
+                // usual way); what this thread made ends with it.
+                let Some(job) = take_job(&job_rx) else { return };
+                // Started on a CPU of its own: the server may use them all.
+                if let Ok(cpus) = cpus_rx.try_recv() {
+                    let _ = sys::use_cpus(&cpus);
+                }
                 match sys::fork_from_thread() {
                     Ok(Some(pid)) => {
                         // The supervisor first; then our copies of the
                         // server's descriptors close here.
-                        let _ = forked_tx.send(Ok(pid));
+                        let _ = outcome_tx.send(Ok(pid));
                         drop(job);
                     }
                     Ok(None) => run_forked_server(job, prepared),
                     Err(e) => {
-                        let _ =
-                            forked_tx.send(Err(format!("cannot start the confined server: {e}")));
+                        let why = format!("cannot start the confined server: {e}");
+                        let _ = outcome_tx.send(Err(Some(why)));
                     }
                 }
             })
             .map_err(|e| MountError::usage(format!("cannot start a thread: {e}")))?;
+        // Linux queues the new thread behind this one, on this CPU, and
+        // while this one opens the image and mounts without sleeping (the
+        // page cache warm) the other CPU stayed idle: the thread began to
+        // run only once the mount was made, and the server came 0.5 ms
+        // after the mount instead of beside it. So it starts elsewhere.
+        if let Some(cpus) = sys::other_thread()
+            .ok()
+            .flatten()
+            .and_then(sys::start_elsewhere)
+        {
+            let _ = cpus_tx.send(cpus);
+        }
         Ok(Some(Ahead {
-            prepared,
             jobs,
-            forked,
+            outcome,
             thread,
         }))
-    }
-
-    /// Wait until the thread has prepared: `Some(self)` when it did, `None`
-    /// when it could not make the namespaces directly (it has then ended,
-    /// and the server is forked the usual way).
-    fn prepared(self) -> Result<Option<Ahead>, MountError> {
-        match self.prepared.recv() {
-            Ok(Ok(true)) => Ok(Some(self)),
-            Ok(Ok(false)) => {
-                self.abandon();
-                Ok(None)
-            }
-            Ok(Err(e)) => Err(MountError::usage(format!("sandbox setup failed: {e}"))),
-            Err(_) => Err(MountError::usage(AHEAD_ENDED)),
-        }
     }
 
     /// Let the thread end without a server, and wait until it has.
@@ -647,17 +706,33 @@ impl Ahead {
         let _ = self.thread.join();
     }
 
-    /// Wait until the thread has forked the server (its pid), and has
-    /// ended.
-    fn forked(self) -> Result<u32, MountError> {
-        let outcome = match self.forked.recv() {
-            Ok(Ok(pid)) => Ok(pid),
-            Ok(Err(e)) => Err(MountError::usage(e)),
-            Err(_) => Err(MountError::usage(AHEAD_ENDED)),
+    /// Wait until the thread has forked the server (or failed, or found it
+    /// could not prepare), and has ended.
+    fn outcome(self) -> Outcome {
+        let outcome = match self.outcome.recv() {
+            Ok(Ok(pid)) => Outcome::Forked(pid),
+            Ok(Err(None)) => Outcome::NotPrepared,
+            Ok(Err(Some(e))) => Outcome::Failed(MountError::usage(e)),
+            Err(_) => Outcome::Failed(MountError::usage(AHEAD_ENDED)),
         };
         let _ = self.thread.join();
         outcome
     }
+}
+
+/// The job, looked for without sleeping for [`SPIN_FOR_JOB`] at most, then
+/// waited for; `None` when the main thread dropped its end.
+fn take_job(jobs: &std::sync::mpsc::Receiver<EarlyJob>) -> Option<EarlyJob> {
+    use std::sync::mpsc::TryRecvError;
+    let start = std::time::Instant::now();
+    while start.elapsed() < SPIN_FOR_JOB {
+        match jobs.try_recv() {
+            Ok(job) => return Some(job),
+            Err(TryRecvError::Empty) => std::hint::spin_loop(),
+            Err(TryRecvError::Disconnected) => return None,
+        }
+    }
+    jobs.recv().ok()
 }
 
 /// The threads of this process. One `stat`: the link count of
@@ -794,8 +869,16 @@ fn mount_and_start(
     let (dev, mounted) = mount::mount(&req.mountpoint, &opts.mount).map_err(|e| {
         MountError::usage(format!("cannot mount on {}: {e}", req.mountpoint.display()))
     })?;
-    let mounted = Arc::new(mounted);
-    let mut session = Session::new(dev, fs, opts.session);
+    start_session(Session::new(dev, fs, opts.session), Arc::new(mounted), opts)
+}
+
+/// Once mounted: answer INIT, raise the readahead and open the workers'
+/// `/dev/fuse` clones; on failure, unmount.
+fn start_session(
+    mut session: Session,
+    mounted: Arc<mount::Mounted>,
+    opts: &ServeOptions,
+) -> Result<(Session, Arc<mount::Mounted>), MountError> {
     if let Err(e) = session.init() {
         let _ = mounted.unmount();
         return Err(MountError::usage(format!("FUSE handshake failed: {e}")));

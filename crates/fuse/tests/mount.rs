@@ -1100,6 +1100,20 @@ fn the_server_is_confined_and_its_supervisor_cleans_up() {
         };
         assert!(ok, "server fd {n} -> {}", target.display());
     }
+    // Forked from a thread started on a CPU of its own, the server and
+    // every one of its threads may still run on every CPU we may.
+    let cpus = |status: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_owned())
+            .unwrap()
+    };
+    let ours = cpus(&std::fs::read_to_string("/proc/self/status").unwrap());
+    for task in std::fs::read_dir(format!("/proc/{server}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        assert_eq!(cpus(&status), ours, "a server thread is held to fewer CPUs");
+    }
     // A network namespace of its own.
     let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
     assert_ne!(

@@ -328,6 +328,61 @@ pub fn fork_from_thread() -> io::Result<Option<u32>> {
     }
 }
 
+/// Start `thread`, a thread of this process that has just been made and
+/// has not run yet, on another CPU than the calling thread's, among those
+/// the process may use: Linux queues a new thread on the CPU of the thread
+/// that made it, behind it, and on a small machine it may not run before
+/// that one sleeps. Returns the CPUs the thread may use, for it to take
+/// back once it runs ([`use_cpus`]); `None` where there is no other CPU (or
+/// the kernel refused), which leaves all as it was.
+pub fn start_elsewhere(thread: u32) -> Option<CpuMask> {
+    let allowed = rustix::thread::sched_getaffinity(None).ok()?;
+    if allowed.count() < 2 {
+        return None;
+    }
+    let here = rustix::thread::sched_getcpu();
+    let other = (1..rustix::thread::CpuSet::MAX_CPU)
+        .map(|step| (here + step) % rustix::thread::CpuSet::MAX_CPU)
+        .find(|&cpu| allowed.is_set(cpu))?;
+    let mut there = rustix::thread::CpuSet::new();
+    there.set(other);
+    let tid = rustix::thread::Pid::from_raw(i32::try_from(thread).ok()?)?;
+    rustix::thread::sched_setaffinity(Some(tid), &there).ok()?;
+    Some(CpuMask(allowed))
+}
+
+/// The CPUs a thread may run on (see [`start_elsewhere`]).
+#[derive(Debug, Clone)]
+pub struct CpuMask(rustix::thread::CpuSet);
+
+/// Let the calling thread run on the CPUs of `mask`.
+pub fn use_cpus(mask: &CpuMask) -> io::Result<()> {
+    rustix::thread::sched_setaffinity(None, &mask.0).map_err(to_io)
+}
+
+/// The id of a thread of this process other than the calling one, when
+/// there is exactly one (from `/proc/self/task`).
+pub fn other_thread() -> io::Result<Option<u32>> {
+    let me = rustix::thread::gettid()
+        .as_raw_nonzero()
+        .get()
+        .unsigned_abs();
+    let mut others = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        let name = entry?.file_name();
+        if let Some(tid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) {
+            if tid != me {
+                others.push(tid);
+            }
+        }
+    }
+    Ok(if others.len() == 1 {
+        others.pop()
+    } else {
+        None
+    })
+}
+
 /// Keep glibc's allocator from ever shrinking a thread's arena heap
 /// (`mallopt(M_TRIM_THRESHOLD, INT_MAX)`), before any thread starts. The
 /// first time glibc shrinks one it reads `/proc/sys/vm/overcommit_memory`:
