@@ -175,6 +175,9 @@ pub fn parse_options(options: &[String], image: &Path) -> Result<ServeOptions, M
             _ => return Err(MountError::usage(format!("unknown mount option {opt:?}"))),
         }
     }
+    // A readahead raised before INIT is answered (as the server forked
+    // before the mount does) survives only if INIT's answer allows it.
+    out.session.max_readahead = out.readahead_kib.saturating_mul(1024);
     Ok(out)
 }
 

@@ -65,6 +65,11 @@ pub struct SessionConfig {
     /// Push the files listed after one being read into the page cache
     /// ahead of the reader (see [`crate::push`]).
     pub push: bool,
+    /// The readahead, in bytes, that INIT's answer allows at most: the
+    /// kernel keeps the lesser of it and the mount's readahead as it is
+    /// then, so a readahead raised (by root, in sysfs) before INIT is
+    /// answered stays raised only if this is as large.
+    pub max_readahead: u32,
 }
 
 impl Default for SessionConfig {
@@ -75,6 +80,7 @@ impl Default for SessionConfig {
             stats: false,
             read_proc: true,
             push: true,
+            max_readahead: 1 << 20,
         }
     }
 }
@@ -258,7 +264,10 @@ impl Session {
         let mut out = Vec::with_capacity(64);
         abi::put_u32(&mut out, abi::KERNEL_VERSION);
         abi::put_u32(&mut out, minor.min(abi::KERNEL_MINOR_VERSION));
-        abi::put_u32(&mut out, max_readahead);
+        // More than the kernel proposed (the mount's readahead when it sent
+        // INIT) only keeps a readahead raised since; the kernel takes the
+        // lesser of this and the mount's readahead now.
+        abi::put_u32(&mut out, max_readahead.max(self.config.max_readahead));
         abi::put_u32(&mut out, want & kflags);
         out.extend_from_slice(&64u16.to_ne_bytes()); // max_background
         out.extend_from_slice(&48u16.to_ne_bytes()); // congestion_threshold
