@@ -370,12 +370,7 @@ fn run_server(job: Job) -> ! {
         config,
         report,
     } = job;
-    // glibc opens a /proc file the first time it trims a thread's arena:
-    // never trim.
-    if let Err(e) = sys::malloc_never_trim() {
-        let e = MountError::usage(format!("allocator: {e}"));
-        std::process::exit(exit_code(fail(notifier, e)));
-    }
+    let notifier = never_trim_or_exit(notifier);
     let result = match sandbox::apply(&config) {
         // Partly confined: report and end; the supervisor unmounts.
         Err(e) => fail(
@@ -388,6 +383,17 @@ fn run_server(job: Job) -> ! {
         }
     };
     std::process::exit(exit_code(result));
+}
+
+/// In a server about to confine itself: glibc opens a /proc file the
+/// first time it trims a thread's arena, so never trim; if that cannot be
+/// set, say so and end here.
+fn never_trim_or_exit(notifier: Option<ReadyNotifier>) -> Option<ReadyNotifier> {
+    if let Err(e) = sys::malloc_never_trim() {
+        let e = MountError::usage(format!("allocator: {e}"));
+        std::process::exit(exit_code(fail(notifier, e)));
+    }
+    notifier
 }
 
 /// What the server forked from the pre-confining thread is handed, before
@@ -419,10 +425,7 @@ fn run_forked_server(job: EarlyJob, prepared: sandbox::Prepared) -> ! {
         config,
         report,
     } = job;
-    if let Err(e) = sys::malloc_never_trim() {
-        let e = MountError::usage(format!("allocator: {e}"));
-        std::process::exit(exit_code(fail(notifier, e)));
-    }
+    let notifier = never_trim_or_exit(notifier);
     let text = match sandbox::apply_prepared(&config, prepared) {
         Ok(r) if report => r.to_string(),
         Ok(_) => String::new(),
