@@ -397,16 +397,13 @@ fn never_trim_or_exit(notifier: Option<ReadyNotifier>) -> Option<ReadyNotifier> 
 }
 
 /// What the server forked from the pre-confining thread is handed, before
-/// the mount exists: the session on a `/dev/fuse` file the mount will be
-/// made on, with its workers' files (attached once mounted), the read end
-/// of the "go" pipe, its own descriptor of the ready pipe, and the
-/// sandbox to apply.
+/// the mount exists: a [`Job`] whose session is on a `/dev/fuse` file the
+/// mount will be made on, with its workers' files (attached once
+/// mounted) and its own descriptor of the ready pipe, and the read end of
+/// the "go" pipe.
 struct EarlyJob {
-    session: Session,
+    job: Job,
     go: std::os::fd::OwnedFd,
-    notifier: Option<ReadyNotifier>,
-    config: sandbox::SandboxConfig,
-    report: bool,
 }
 
 /// The byte on the "go" pipe that says the mount is up. Anything else, or
@@ -419,11 +416,14 @@ const GO: u8 = b'M';
 /// never returns into the code that forked it.
 fn run_forked_server(job: EarlyJob, prepared: sandbox::Prepared) -> ! {
     let EarlyJob {
-        mut session,
+        job:
+            Job {
+                mut session,
+                notifier,
+                config,
+                report,
+            },
         go,
-        notifier,
-        config,
-        report,
     } = job;
     let notifier = never_trim_or_exit(notifier);
     let text = match sandbox::apply_prepared(&config, prepared) {
@@ -535,14 +535,16 @@ fn serve_forked_ahead(
     keep.extend(child_notifier.as_ref().map(ReadyNotifier::raw_fd));
     keep.push(2);
     let job = EarlyJob {
-        session,
-        go: go_rx,
-        notifier: child_notifier,
-        config: sandbox::SandboxConfig {
-            keep_fds: keep,
-            ..sandbox::SandboxConfig::default()
+        job: Job {
+            session,
+            notifier: child_notifier,
+            config: sandbox::SandboxConfig {
+                keep_fds: keep,
+                ..sandbox::SandboxConfig::default()
+            },
+            report: req.sandbox_report,
         },
-        report: req.sandbox_report,
+        go: go_rx,
     };
     // A channel of one: the send never waits.
     if ahead.jobs.send(job).is_err() {

@@ -188,12 +188,14 @@ impl Session {
 
     /// Attach the files [`Session::open_workers`] opened to this session's
     /// connection, which needs only an `ioctl` (a confined server may make
-    /// it). A file that cannot be attached is closed, and one worker fewer
-    /// serves.
+    /// it). In place of a file that cannot be attached, the worker shares
+    /// the session's file (`F_DUPFD_CLOEXEC`, allowed too), or, failing
+    /// that, one worker fewer serves.
     pub fn attach_workers(&mut self) {
         for dev in std::mem::take(&mut self.unattached) {
-            if immount_sys::fuse::attach_dev_fuse(dev.as_fd(), self.dev.as_fd()).is_ok() {
-                self.worker_devs.push(dev);
+            match immount_sys::fuse::attach_dev_fuse(dev.as_fd(), self.dev.as_fd()) {
+                Ok(()) => self.worker_devs.push(dev),
+                Err(_) => self.worker_devs.extend(self.dev.try_clone().ok()),
             }
         }
     }
