@@ -292,20 +292,7 @@ fn serve_confined(
     image_fds: Vec<RawFd>,
     notifier: Option<ReadyNotifier>,
 ) -> Result<(), MountError> {
-    let mut keep = session.fds();
-    keep.extend(image_fds);
-    keep.extend(notifier.as_ref().map(ReadyNotifier::raw_fd));
-    keep.push(2);
-    let config = sandbox::SandboxConfig {
-        keep_fds: keep,
-        ..sandbox::SandboxConfig::default()
-    };
-    let job = Job {
-        session,
-        notifier,
-        config,
-        report: req.sandbox_report,
-    };
+    let job = Job::new(session, &image_fds, notifier, req.sandbox_report, &[]);
     match fork_server_here(job) {
         Ok(server) => supervise(server, mounted),
         Err((notifier, e)) => {
@@ -330,6 +317,34 @@ struct Job {
     notifier: Option<ReadyNotifier>,
     config: sandbox::SandboxConfig,
     report: bool,
+}
+
+impl Job {
+    /// The job of a server serving `session` on the image's descriptors,
+    /// reporting through `notifier`: the sandbox keeps exactly those
+    /// descriptors, `extra` ones and stderr.
+    fn new(
+        session: Session,
+        image_fds: &[RawFd],
+        notifier: Option<ReadyNotifier>,
+        report: bool,
+        extra: &[RawFd],
+    ) -> Job {
+        let mut keep = session.fds();
+        keep.extend(image_fds);
+        keep.extend(notifier.as_ref().map(ReadyNotifier::raw_fd));
+        keep.extend(extra);
+        keep.push(2);
+        Job {
+            session,
+            notifier,
+            config: sandbox::SandboxConfig {
+                keep_fds: keep,
+                ..sandbox::SandboxConfig::default()
+            },
+            report,
+        }
+    }
 }
 
 /// The failure to start the server, with the ready pipe to tell it through.
@@ -529,21 +544,14 @@ fn serve_forked_ahead(
         ahead.abandon();
         return Early::Fallback(notifier, fs);
     };
-    let mut keep = session.fds();
-    keep.extend(fs.fds());
-    keep.push(go_rx.as_raw_fd());
-    keep.extend(child_notifier.as_ref().map(ReadyNotifier::raw_fd));
-    keep.push(2);
     let job = EarlyJob {
-        job: Job {
+        job: Job::new(
             session,
-            notifier: child_notifier,
-            config: sandbox::SandboxConfig {
-                keep_fds: keep,
-                ..sandbox::SandboxConfig::default()
-            },
-            report: req.sandbox_report,
-        },
+            fs.fds(),
+            child_notifier,
+            req.sandbox_report,
+            &[go_rx.as_raw_fd()],
+        ),
         go: go_rx,
     };
     // A channel of one: the send never waits.
@@ -587,7 +595,7 @@ fn serve_forked_ahead(
             let image_fds = fs.fds().to_vec();
             let fs: Arc<dyn crate::filesystem::Filesystem> = fs;
             let session = Session::new(mount_dev, fs, opts.session);
-            return match start_session(session, mounted, opts) {
+            return match start_session(session, mounted) {
                 Ok((session, mounted)) => Early::Mounted(notifier, session, mounted, image_fds),
                 Err(e) => served(notifier, e),
             };
@@ -866,8 +874,8 @@ fn open_image(req: &MountRequest) -> Result<(ServeOptions, Arc<ErofsFs>), MountE
     Ok((opts, Arc::new(fs)))
 }
 
-/// Mount (directly, or through fusermount3), answer INIT, raise the
-/// readahead and open the workers' `/dev/fuse` clones: the usual way, in
+/// Mount (directly, or through fusermount3), raise the readahead, answer
+/// INIT and open the workers' `/dev/fuse` clones: the usual way, in
 /// one thread, before any fork.
 fn mount_and_start(
     req: &MountRequest,
@@ -877,21 +885,22 @@ fn mount_and_start(
     let (dev, mounted) = mount::mount(&req.mountpoint, &opts.mount).map_err(|e| {
         MountError::usage(format!("cannot mount on {}: {e}", req.mountpoint.display()))
     })?;
-    start_session(Session::new(dev, fs, opts.session), Arc::new(mounted), opts)
+    // Before INIT or after: its answer allows this readahead (see
+    // `SessionConfig::max_readahead`).
+    mount::raise_readahead(mounted.mountpoint(), opts.readahead_kib);
+    start_session(Session::new(dev, fs, opts.session), Arc::new(mounted))
 }
 
-/// Once mounted: answer INIT, raise the readahead and open the workers'
-/// `/dev/fuse` clones; on failure, unmount.
+/// Once mounted (and the readahead raised): answer INIT and open the
+/// workers' `/dev/fuse` clones; on failure, unmount.
 fn start_session(
     mut session: Session,
     mounted: Arc<mount::Mounted>,
-    opts: &ServeOptions,
 ) -> Result<(Session, Arc<mount::Mounted>), MountError> {
     if let Err(e) = session.init() {
         let _ = mounted.unmount();
         return Err(MountError::usage(format!("FUSE handshake failed: {e}")));
     }
-    mount::raise_readahead(mounted.mountpoint(), opts.readahead_kib);
     if let Err(e) = session.prepare_workers() {
         let _ = mounted.unmount();
         return Err(MountError::usage(format!("cannot clone /dev/fuse: {e}")));
