@@ -684,10 +684,14 @@ impl Ahead {
                 }
                 match sys::fork_from_thread() {
                     Ok(Some(pid)) => {
-                        // The supervisor first; then our copies of the
-                        // server's descriptors close here.
+                        // This thread's copies of the server's descriptors
+                        // close before the main thread hears, which then
+                        // goes on without waiting for this thread to end
+                        // (see `Ahead::outcome`): nothing of it is left
+                        // to close once the supervisor closes what it
+                        // does not keep.
+                        drop((job, prepared));
                         let _ = outcome_tx.send(Ok(pid));
-                        drop(job);
                     }
                     Ok(None) => run_forked_server(job, prepared),
                     Err(e) => {
@@ -723,7 +727,11 @@ impl Ahead {
     }
 
     /// Wait until the thread has forked the server (or failed, or found it
-    /// could not prepare), and has ended.
+    /// could not prepare). Unless it forked, also until it has ended: the
+    /// usual way forks from this thread, alone. After a fork, the thread
+    /// has nothing left to do but end, and closed what it held before it
+    /// said so; waiting for its end cost the mount 0.15-0.2 ms (it shares
+    /// its CPU with the new server).
     fn outcome(self) -> Outcome {
         let outcome = match self.outcome.recv() {
             Ok(Ok(pid)) => Outcome::Forked(pid),
@@ -731,7 +739,9 @@ impl Ahead {
             Ok(Err(Some(e))) => Outcome::Failed(MountError::usage(e)),
             Err(_) => Outcome::Failed(MountError::usage(AHEAD_ENDED)),
         };
-        let _ = self.thread.join();
+        if !matches!(outcome, Outcome::Forked(_)) {
+            let _ = self.thread.join();
+        }
         outcome
     }
 }
