@@ -22,9 +22,12 @@
 #   env WARM_K=5        each warm figure is the best of WARM_K repeats,
 #                       taken with all drivers mounted side by side and
 #                       timed in turns
-#   env MOUNT_K=3       the mount figure is the median of MOUNT_K cold
+#   env MOUNT_K=5       the mount figure is the median of MOUNT_K cold
 #                       mounts (each after a drop of the page cache): one
-#                       cold mount scatters by 20% from the disk alone
+#                       cold mount scatters by 20% from the disk alone. The
+#                       drivers' cold mounts are taken in turns (the order
+#                       reversed every other turn), like the warm figures,
+#                       so that a slow spell of the disk falls on all alike
 #
 # For each driver it prints: time to mount, cold and warm stat walk of the
 # whole tree, cold and warm read of every file (tar to a pipe), peak RSS of
@@ -99,6 +102,9 @@ mkdir -p "$MP"
 for d in $DRIVERS; do mkdir -p "$WORK/mnt-$d"; done
 RESULTS=$WORK/results-$COMP.txt
 : > "$RESULTS"
+# Every timed cold mount: run, turn, driver, seconds.
+MOUNTS=$WORK/mounts-$COMP.txt
+: > "$MOUNTS"
 
 now() { date +%s.%N; }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
@@ -159,7 +165,7 @@ best() { printf '%s\n' $1 | sort -n | head -n1; }
 # The median of a list of times (split on purpose).
 # shellcheck disable=SC2086
 median() { printf '%s\n' $1 | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-MOUNT_K=${MOUNT_K:-3}
+MOUNT_K=${MOUNT_K:-5}
 
 # The drivers of run $1, immount and immount-nosandbox back to back in an
 # order that alternates from run to run.
@@ -189,22 +195,31 @@ trap cleanup EXIT
 for run in $(seq "$RUNS"); do
     declare -A T_MOUNT T_COLD_STAT T_COLD_READ GROWTH IMG_CACHED SETUP CPU_STAT CPU_READ RSS
     DRV=$(drivers_of_run "$run")
-    # The cold figures, one driver at a time, with nothing else mounted (a
-    # server still running would keep its program's pages cached).
+    # shellcheck disable=SC2086
+    REV=$(printf '%s\n' $DRV | tac | tr '\n' ' ')
+    # The cold figures, with nothing else mounted (a server still running
+    # would keep its program's pages cached). First the mount figure: the
+    # median of MOUNT_K cold mounts per driver, taken in turns.
     MP=$WORK/mnt
-    for d in $DRV; do
-        # Mount and stat walk on a cold cache; the mount figure is the
-        # median of MOUNT_K cold mounts, the last one kept for the walk.
-        t_mounts=
-        for _ in $(seq $((MOUNT_K - 1))); do
+    declare -A T_MOUNTS
+    for d in $DRV; do T_MOUNTS[$d]=; done
+    for k in $(seq "$MOUNT_K"); do
+        order=$DRV; [ $((k % 2)) -eq 0 ] && order=$REV
+        for d in $order; do
             drop_caches
-            t_mounts="$t_mounts $(timed do_mount "$d")"
+            t=$(timed do_mount "$d")
+            T_MOUNTS[$d]="${T_MOUNTS[$d]} $t"
+            echo "$run $k $d $t" >> "$MOUNTS"
             must_be_mounted "$d"
             do_umount "$d"
         done
+    done
+    for d in $DRV; do T_MOUNT[$d]=$(median "${T_MOUNTS[$d]}"); done
+    # Then the other cold figures, one driver at a time.
+    for d in $DRV; do
+        # A stat walk on a fresh mount and cold cache.
         drop_caches
-        t_mounts="$t_mounts $(timed do_mount "$d")"
-        T_MOUNT[$d]=$(median "$t_mounts")
+        do_mount "$d"
         must_be_mounted "$d"
         T_COLD_STAT[$d]=$(timed stat_walk)
         CPU_STAT[$d]=0; [ "$d" = kernel ] || CPU_STAT[$d]=$(cpu_s)
@@ -259,7 +274,7 @@ for run in $(seq "$RUNS"); do
 done
 
 echo "image: $IMG; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
-python3 - "$RESULTS" "$COMP" "$(du -sbL "${ROOTFS:-/nonexistent}/" 2>/dev/null | tail -n1 | cut -f1)" <<'EOF'
+python3 - "$RESULTS" "$COMP" "$MOUNTS" "$(du -sbL "${ROOTFS:-/nonexistent}/" 2>/dev/null | tail -n1 | cut -f1)" <<'EOF'
 import statistics, sys
 rows, by_run = {}, {}
 for line in open(sys.argv[1]):
@@ -270,7 +285,7 @@ for line in open(sys.argv[1]):
 names = ["mount s", "stat cold s", "stat warm s", "read cold s", "read warm s", "server RSS MiB", "cache growth MiB", "image cached MiB", "server CPU stat s", "server CPU read s"]
 med = {d: [statistics.median(c) for c in zip(*v)] for d, v in rows.items()}
 k = med["kernel"]
-tree = f", tree {int(sys.argv[3]) / 1e6:.0f} MB" if sys.argv[3] else ""
+tree = f", tree {int(sys.argv[4]) / 1e6:.0f} MB" if sys.argv[4] else ""
 print(f"image: {sys.argv[2]}{tree}, median of {len(rows['kernel'])} runs")
 print("| driver | " + " | ".join(names) + " |")
 print("|---" * (len(names) + 1) + "|")
@@ -320,6 +335,23 @@ if pairs:
             continue
         m = statistics.median(ratios)
         print(f"| {name} | {m:.3f} | {min(ratios):.3f}..{max(ratios):.3f} | {100 * (m - 1):+.1f}% |")
+    # The cold mount once more, from every turn rather than every run: in a
+    # turn the two mounts follow each other, so each turn is a pair; the
+    # interval is a bootstrap of their median (seeded: the same data always
+    # gives the same interval).
+    turns = {}
+    for line in open(sys.argv[3]):
+        run, k, d, t = line.split()
+        turns.setdefault((run, k), {})[d] = float(t)
+    q = [t["immount"] / t["immount-nosandbox"] for t in turns.values()
+         if "immount" in t and t.get("immount-nosandbox", 0) > 0]
+    if q:
+        import random
+        rng = random.Random(1)
+        boot = sorted(statistics.median(rng.choices(q, k=len(q))) for _ in range(2000))
+        m = statistics.median(q)
+        print(f"mount, every turn a pair: median of {len(q)} paired ratios {m:.3f} ({100 * (m - 1):+.1f}%), "
+              f"95% bootstrap interval {boot[49]:.3f}..{boot[1949]:.3f}")
     setups = [r["immount"][10] for r in pairs if r["immount"][10] > 0]
     if setups:
         print(f"sandbox::apply setup time per mount: median {statistics.median(setups):.0f} µs ({min(setups):.0f}..{max(setups):.0f})")
