@@ -1181,6 +1181,90 @@ fn the_server_is_confined_and_its_supervisor_cleans_up() {
     wait_until_ended("the supervisor exited", supervisor);
 }
 
+/// Runs a program with `setns(2)` and `unshare(2)` failing with EPERM (a
+/// seccomp filter, as some container runtimes install for root): `python3
+/// - PROGRAM ARGS...`. The filter needs no `no_new_privs` from root.
+const WITHOUT_NAMESPACES: &str = r#"
+import ctypes, os, platform, struct, sys
+arch, deny = {"x86_64": (0xC000003E, [272, 308]), "aarch64": (0xC00000B7, [97, 268])}[platform.machine()]
+n = len(deny)
+ins = [(0x20, 0, 0, 4), (0x15, 0, n + 1, arch), (0x20, 0, 0, 0)]
+ins += [(0x15, n - k, 0, nr) for k, nr in enumerate(deny)]
+ins += [(0x06, 0, 0, 0x7FFF0000), (0x06, 0, 0, 0x00050000 | 1)]
+code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in ins))
+class Prog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+prog = Prog(len(ins), ctypes.cast(code, ctypes.c_void_p))
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:
+    sys.exit("prctl: " + os.strerror(ctypes.get_errno()))
+os.execv(sys.argv[1], sys.argv[1:])
+"#;
+
+/// Root whose namespaces are denied (a container's seccomp profile): the
+/// confining thread cannot make them, so the mount is made first and the
+/// server is forked the usual way, on the mount already made, and still
+/// confined as far as it can be (identity, capabilities, no_new_privs,
+/// seccomp; the host's network namespace, which socket() denial covers).
+#[test]
+fn root_without_namespaces_still_gets_a_confined_server() {
+    require_root!();
+    if !matches!(std::env::consts::ARCH, "x86_64" | "aarch64") {
+        eprintln!("skipped: the filter here knows x86_64 and aarch64");
+        return;
+    }
+    let dir = TempDir::new("no-ns");
+    let mp = dir.0.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mut child = Command::new("python3")
+        .args(["-", bin().to_str().unwrap(), "mount", "--sandbox-report"])
+        .arg(corpus_dir().join("images/plain.erofs"))
+        .arg(&mp)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(WITHOUT_NAMESPACES.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let guard = MountGuard {
+        mountpoint: mp.canonicalize().unwrap(),
+    };
+    let report = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("seccomp"), "no sandbox report: {report}");
+    // Not the way ahead: nothing was made or joined before the fork.
+    assert!(!report.contains("(ahead)"), "{report}");
+    let (server, supervisor) = server_and_supervisor(guard.mountpoint.to_str().unwrap());
+    assert_eq!(
+        status_field(server, "Uid:").split_whitespace().next(),
+        Some("65534")
+    );
+    assert_eq!(status_field(server, "CapEff:"), "0000000000000000");
+    assert_eq!(status_field(server, "NoNewPrivs:"), "1");
+    assert_eq!(status_field(server, "Seccomp:"), "2");
+    let (file, sum) = sample_file(&corpus_dir());
+    let out = Command::new("sha256sum")
+        .arg(format!("{}{file}", guard.mountpoint.display()))
+        .output()
+        .unwrap();
+    assert_eq!(sha256_of(&out.stdout), sum);
+    // Its supervisor still cleans up after it.
+    let st = Command::new("kill")
+        .args(["-KILL", &server.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_until("the supervisor unmounted", Duration::from_secs(10), || {
+        !is_mounted(&guard.mountpoint)
+    });
+    wait_until_ended("the supervisor exited", supervisor);
+}
+
 /// When a user unmounts and mounts again at the same path before the old
 /// supervisor has noticed its server's end, that supervisor must not take
 /// the new mount down with its cleanup (it did: it unmounted by path
