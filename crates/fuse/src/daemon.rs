@@ -519,6 +519,9 @@ fn serve_forked_ahead(
     // none starts between here and the fork.
     match thread_count() {
         Ok(2) => {}
+        // The thread has ended already: it could not make the namespaces
+        // (then the usual way follows), or failed.
+        Ok(1) => return ended_early(ahead, notifier, fs),
         Ok(n) => {
             let msg = format!("cannot start the confined server: {n} threads, 2 expected");
             return served(notifier, MountError::usage(msg));
@@ -555,9 +558,11 @@ fn serve_forked_ahead(
         go: go_rx,
     };
     // A channel of one: the send never waits.
-    if ahead.jobs.send(job).is_err() {
-        let _ = ahead.thread.join();
-        return served(notifier, MountError::usage(AHEAD_ENDED));
+    if let Err(std::sync::mpsc::SendError(job)) = ahead.jobs.send(job) {
+        // Ended since it was counted. Its copies of the descriptors,
+        // never handed over, close here.
+        drop(job);
+        return ended_early(ahead, notifier, fs);
     }
     // Until `outcome` returns, the fork may be under way: this thread
     // takes no lock of its own meanwhile (see `sys::fork_from_thread`); it
@@ -616,6 +621,19 @@ fn serve_forked_ahead(
 
 /// The ended thread's error.
 const AHEAD_ENDED: &str = "the confining thread ended early";
+
+/// The pre-confining thread ended before it took the server's job: when it
+/// could not make the namespaces (root without `CAP_SYS_ADMIN` or with
+/// `unshare` denied, as in some containers), the usual way follows;
+/// otherwise its error ends the mount.
+fn ended_early(ahead: Ahead, notifier: Option<ReadyNotifier>, fs: Arc<ErofsFs>) -> Early {
+    match ahead.outcome() {
+        Outcome::NotPrepared => Early::Fallback(notifier, fs),
+        Outcome::Failed(e) => Early::Served(fail(notifier, e)),
+        // Not without a job; said as the end it would be.
+        Outcome::Forked(_) => Early::Served(fail(notifier, MountError::usage(AHEAD_ENDED))),
+    }
+}
 
 /// How long the pre-confining thread, once prepared, looks for its job
 /// without sleeping (see [`serve_forked_ahead`]): longer than opening an

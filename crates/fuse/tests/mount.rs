@@ -1237,8 +1237,10 @@ fn root_without_namespaces_still_gets_a_confined_server() {
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
     assert!(report.contains("seccomp"), "no sandbox report: {report}");
-    // Not the way ahead: nothing was made or joined before the fork.
+    // Not the way ahead: nothing was made or joined before the fork; and
+    // the report says what could not be made.
     assert!(!report.contains("(ahead)"), "{report}");
+    assert!(report.contains("net namespace:     no"), "{report}");
     let (server, supervisor) = server_and_supervisor(guard.mountpoint.to_str().unwrap());
     assert_eq!(
         status_field(server, "Uid:").split_whitespace().next(),

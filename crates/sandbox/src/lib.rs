@@ -946,8 +946,9 @@ fn finish(
     //    itself (`unshare -Ur`) has no other uid to become: that one step
     //    is skipped, said in one log line, and every other step still runs
     //    (outside the namespace this "root" is an ordinary user anyway, and
-    //    it keeps no capability).
-    let identity = match (identity_plan, made.privileged) {
+    //    it keeps no capability). Root that could make no namespace at all
+    //    (a container's seccomp profile denies unshare) still switches.
+    let identity = match (identity_plan, made.root_identity) {
         (_, false) => Step::Skipped("not started as root".into()),
         (IdentityPlan::Impossible(why), true) => {
             let why = format!("{IDENTITY_IMPOSSIBLE}: {why}");
