@@ -679,6 +679,9 @@ impl Ahead {
         let (cpus_tx, cpus_rx) = mpsc::sync_channel::<sys::CpuMask>(1);
         // Ok(pid); Err(None): not prepared; Err(Some(why)): failed.
         let (outcome_tx, outcome) = mpsc::sync_channel(1);
+        // The server, a copy of the thread, would carry the thread's name
+        // ("confine") where ps and top show it; it takes this one's back.
+        let comm = rustix::thread::name().ok();
         let thread = std::thread::Builder::new()
             .name("confine".into())
             .spawn(move || {
@@ -711,7 +714,12 @@ impl Ahead {
                         drop((job, prepared));
                         let _ = outcome_tx.send(Ok(pid));
                     }
-                    Ok(None) => run_forked_server(job, prepared),
+                    Ok(None) => {
+                        if let Some(comm) = &comm {
+                            let _ = rustix::thread::set_name(comm);
+                        }
+                        run_forked_server(job, prepared)
+                    }
                     Err(e) => {
                         let why = format!("cannot start the confined server: {e}");
                         let _ = outcome_tx.send(Err(Some(why)));

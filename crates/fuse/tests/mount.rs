@@ -1129,6 +1129,12 @@ fn the_server_is_confined_and_its_supervisor_cleans_up() {
     assert_eq!(status_field(server, "CapEff:"), "0000000000000000");
     assert_eq!(status_field(server, "NoNewPrivs:"), "1");
     assert_eq!(status_field(server, "Seccomp:"), "2");
+    // Named as its program, like its supervisor (not after the thread it
+    // was forked from).
+    assert_eq!(
+        status_field(server, "Name:"),
+        status_field(supervisor, "Name:")
+    );
     // Only the fds serving needs: stdio (on /dev/null), the image and the
     // /dev/fuse clones.
     for fd in std::fs::read_dir(format!("/proc/{server}/fd")).unwrap() {
