@@ -40,6 +40,12 @@ fn mount_through_daemon(args: &MountArgs, socket: &std::path::Path) -> i32 {
             }
         }
     }
+    if args.sandbox_user.is_some() || args.sandbox_memory.is_some() {
+        eprintln!(
+            "immount: warning: --sandbox-user and --sandbox-memory are not used when mounting \
+             through immountd (its policy sets them)"
+        );
+    }
     if !args.devices.is_empty() {
         eprintln!("immount: extra devices cannot be passed to immountd; use --no-daemon");
         return crate::EXIT_USAGE.into();

@@ -85,6 +85,44 @@ pub struct MountRequest {
     /// Say what confinement is in place: to the waiting parent, which
     /// prints it, or on stderr in the foreground (`--sandbox-report`).
     pub sandbox_report: bool,
+    /// Who the confined server becomes, and the memory it may take.
+    pub confinement: Confinement,
+}
+
+/// The settings of the server's sandbox that a user chooses
+/// (`--sandbox-user`, `--sandbox-memory`); the rest is fixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Confinement {
+    /// The uid the server switches to when started as root (not 0).
+    pub uid: u32,
+    /// The gid the server switches to when started as root (not 0).
+    pub gid: u32,
+    /// `RLIMIT_DATA` in bytes; `None` leaves it as it was.
+    pub memory_limit: Option<u64>,
+}
+
+impl Default for Confinement {
+    /// nobody (65534) and 1 GiB.
+    fn default() -> Self {
+        let d = sandbox::SandboxConfig::default();
+        Confinement {
+            uid: d.uid,
+            gid: d.gid,
+            memory_limit: d.memory_limit,
+        }
+    }
+}
+
+impl Confinement {
+    /// The sandbox's configuration with these settings.
+    fn config(&self) -> sandbox::SandboxConfig {
+        sandbox::SandboxConfig {
+            uid: self.uid,
+            gid: self.gid,
+            memory_limit: self.memory_limit,
+            ..sandbox::SandboxConfig::default()
+        }
+    }
 }
 
 /// A failure with the exit code it deserves.
@@ -239,7 +277,7 @@ pub fn serve(req: &MountRequest, notifier: Option<ReadyNotifier>) -> Result<(), 
     let ahead = if req.no_sandbox {
         None
     } else {
-        match Ahead::start() {
+        match Ahead::start(&req.confinement) {
             Ok(a) => a,
             Err(e) => return fail(notifier, e),
         }
@@ -292,7 +330,7 @@ fn serve_confined(
     image_fds: Vec<RawFd>,
     notifier: Option<ReadyNotifier>,
 ) -> Result<(), MountError> {
-    let job = Job::new(session, &image_fds, notifier, req.sandbox_report, &[]);
+    let job = Job::new(req, session, &image_fds, notifier, &[]);
     match fork_server_here(job) {
         Ok(server) => supervise(server, mounted),
         Err((notifier, e)) => {
@@ -324,10 +362,10 @@ impl Job {
     /// reporting through `notifier`: the sandbox keeps exactly those
     /// descriptors, `extra` ones and stderr.
     fn new(
+        req: &MountRequest,
         session: Session,
         image_fds: &[RawFd],
         notifier: Option<ReadyNotifier>,
-        report: bool,
         extra: &[RawFd],
     ) -> Job {
         let mut keep = session.fds();
@@ -340,9 +378,9 @@ impl Job {
             notifier,
             config: sandbox::SandboxConfig {
                 keep_fds: keep,
-                ..sandbox::SandboxConfig::default()
+                ..req.confinement.config()
             },
-            report,
+            report: req.sandbox_report,
         }
     }
 }
@@ -548,13 +586,7 @@ fn serve_forked_ahead(
         return Early::Fallback(notifier, fs);
     };
     let job = EarlyJob {
-        job: Job::new(
-            session,
-            fs.fds(),
-            child_notifier,
-            req.sandbox_report,
-            &[go_rx.as_raw_fd()],
-        ),
+        job: Job::new(req, session, fs.fds(), child_notifier, &[go_rx.as_raw_fd()]),
         go: go_rx,
     };
     // A channel of one: the send never waits.
@@ -669,7 +701,7 @@ struct Ahead {
 impl Ahead {
     /// Start the thread; `None` when not root (the caller then forks and
     /// confines as usual).
-    fn start() -> Result<Option<Ahead>, MountError> {
+    fn start(confinement: &Confinement) -> Result<Option<Ahead>, MountError> {
         use std::sync::mpsc;
         if !rustix::process::geteuid().is_root() {
             return Ok(None);
@@ -679,13 +711,14 @@ impl Ahead {
         let (cpus_tx, cpus_rx) = mpsc::sync_channel::<sys::CpuMask>(1);
         // Ok(pid); Err(None): not prepared; Err(Some(why)): failed.
         let (outcome_tx, outcome) = mpsc::sync_channel(1);
+        let config = confinement.config();
         // The server, a copy of the thread, would carry the thread's name
         // ("confine") where ps and top show it; it takes this one's back.
         let comm = rustix::thread::name().ok();
         let thread = std::thread::Builder::new()
             .name("confine".into())
             .spawn(move || {
-                let prepared = match sandbox::prepare_ahead(&sandbox::SandboxConfig::default()) {
+                let prepared = match sandbox::prepare_ahead(&config) {
                     Ok(Some(p)) => p,
                     Ok(None) => {
                         let _ = outcome_tx.send(Err(None));

@@ -26,7 +26,7 @@ pub mod mount;
 pub mod push;
 pub mod server;
 
-pub use daemon::{MountError, MountRequest};
+pub use daemon::{Confinement, MountError, MountRequest};
 pub use erofs_fs::ErofsFs;
 pub use filesystem::{Filesystem, FsError};
 pub use server::{Session, SessionConfig};

@@ -1187,6 +1187,67 @@ fn the_server_is_confined_and_its_supervisor_cleans_up() {
     wait_until_ended("the supervisor exited", supervisor);
 }
 
+/// `--sandbox-user` and `--sandbox-memory` choose who the server becomes
+/// and what it may allocate; a bad value is one clear error and no mount.
+#[test]
+fn the_servers_identity_and_memory_cap_are_the_users_choice() {
+    require_root!();
+    let dir = TempDir::new("sandbox-user");
+    let mp = dir.0.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let image = corpus_dir().join("images/plain.erofs");
+    let (out, guard) = run_mount(
+        ["--sandbox-user", "4242:4343", "--sandbox-memory", "256M"],
+        &image,
+        &mp,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (server, _) = server_and_supervisor(guard.mountpoint.to_str().unwrap());
+    let ids = |field| {
+        status_field(server, field)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids("Uid:"), ["4242"; 4]);
+    assert_eq!(ids("Gid:"), ["4343"; 4]);
+    assert_eq!(ids("Groups:"), Vec::<String>::new());
+    let limits = std::fs::read_to_string(format!("/proc/{server}/limits")).unwrap();
+    let data = limits
+        .lines()
+        .find(|l| l.starts_with("Max data size"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>();
+    assert_eq!(data, ["268435456", "268435456"], "{limits}");
+    // Still serving, as that user.
+    let (file, sum) = sample_file(&corpus_dir());
+    let out = Command::new("sha256sum")
+        .arg(format!("{}{file}", guard.mountpoint.display()))
+        .output()
+        .unwrap();
+    assert_eq!(sha256_of(&out.stdout), sum);
+    drop(guard);
+
+    for bad in [
+        &["--sandbox-user", "0:4343"][..],
+        &["--sandbox-user", "no-such-user"][..],
+        &["--sandbox-memory", "1M"][..],
+    ] {
+        let (out, guard) = run_mount(bad, &image, &mp);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {err}");
+        assert!(err.contains(bad[0]), "{bad:?}: {err}");
+        assert!(!is_mounted(&guard.mountpoint), "{bad:?} mounted");
+    }
+}
+
 /// Runs a program with `setns(2)` and `unshare(2)` failing with EPERM (a
 /// seccomp filter, as some container runtimes install for root): `python3
 /// - PROGRAM ARGS...`. The filter needs no `no_new_privs` from root.

@@ -107,6 +107,13 @@ pub fn explain_exit(status: ExitStatus, log: &[u8]) -> Option<String> {
                     .to_owned(),
             })
         }
+        // What Rust does when an allocation fails, as it does under the
+        // memory cap (`RLIMIT_DATA`) once the server needs more.
+        libc::SIGABRT => Some(
+            "the server aborted (SIGABRT), as it does when an allocation fails under its \
+             memory cap; its log says more"
+                .to_owned(),
+        ),
         libc::SIGXCPU | libc::SIGXFSZ => Some(format!(
             "the server exceeded a resource limit (signal {signal})"
         )),
@@ -307,6 +314,13 @@ mod tests {
         assert!(text.contains("forbidden syscall socket"), "{text}");
         let text = explain_exit(status, b"").expect("a SIGSYS is explained");
         assert!(text.contains("not logged"), "{text}");
+    }
+
+    #[test]
+    fn an_abort_points_at_the_memory_cap() {
+        let text =
+            explain_exit(ExitStatus::from_raw(libc::SIGABRT), b"").expect("a SIGABRT is explained");
+        assert!(text.contains("memory cap"), "{text}");
     }
 
     #[test]
