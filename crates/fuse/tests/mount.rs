@@ -1040,6 +1040,41 @@ fn a_read_pushes_the_next_files_of_its_directory() {
     }
 }
 
+/// A confined server started as root: nobody, no capabilities,
+/// no_new_privs, a seccomp filter.
+fn assert_confined_as_nobody(server: u32) {
+    assert_eq!(
+        status_field(server, "Uid:").split_whitespace().next(),
+        Some("65534")
+    );
+    assert_eq!(status_field(server, "CapEff:"), "0000000000000000");
+    assert_eq!(status_field(server, "NoNewPrivs:"), "1");
+    assert_eq!(status_field(server, "Seccomp:"), "2");
+}
+
+/// The corpus's sample file reads back whole through `mountpoint`.
+fn assert_serves_the_sample(mountpoint: &Path) {
+    let (file, sum) = sample_file(&corpus_dir());
+    let out = Command::new("sha256sum")
+        .arg(format!("{}{file}", mountpoint.display()))
+        .output()
+        .unwrap();
+    assert_eq!(sha256_of(&out.stdout), sum);
+}
+
+/// Kill the server: its supervisor must unmount `mountpoint` and exit.
+fn kill_and_expect_cleanup(server: u32, supervisor: u32, mountpoint: &Path) {
+    let st = Command::new("kill")
+        .args(["-KILL", &server.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_until("the supervisor unmounted", Duration::from_secs(10), || {
+        !is_mounted(mountpoint)
+    });
+    wait_until_ended("the supervisor exited", supervisor);
+}
+
 /// The confined server serving `mountpoint` and its supervisor (its
 /// parent, which names the mount point too): (server, supervisor).
 fn server_and_supervisor(mountpoint: &str) -> (u32, u32) {
@@ -1122,13 +1157,7 @@ fn the_server_is_confined_and_its_supervisor_cleans_up() {
     );
     assert!(std::fs::read_dir(&guard.mountpoint).unwrap().count() > 3);
     let (server, supervisor) = server_and_supervisor(guard.mountpoint.to_str().unwrap());
-    assert_eq!(
-        status_field(server, "Uid:").split_whitespace().next(),
-        Some("65534")
-    );
-    assert_eq!(status_field(server, "CapEff:"), "0000000000000000");
-    assert_eq!(status_field(server, "NoNewPrivs:"), "1");
-    assert_eq!(status_field(server, "Seccomp:"), "2");
+    assert_confined_as_nobody(server);
     // Named as its program, like its supervisor (not after the thread it
     // was forked from).
     assert_eq!(
@@ -1169,22 +1198,9 @@ fn the_server_is_confined_and_its_supervisor_cleans_up() {
         "the server shares the host's network namespace"
     );
     // Still serving once confined.
-    let (file, sum) = sample_file(&corpus_dir());
-    let out = Command::new("sha256sum")
-        .arg(format!("{}{file}", guard.mountpoint.display()))
-        .output()
-        .unwrap();
-    assert_eq!(sha256_of(&out.stdout), sum);
+    assert_serves_the_sample(&guard.mountpoint);
     // The server dies: the supervisor unmounts and exits.
-    let st = Command::new("kill")
-        .args(["-KILL", &server.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    wait_until("the supervisor unmounted", Duration::from_secs(10), || {
-        !is_mounted(&guard.mountpoint)
-    });
-    wait_until_ended("the supervisor exited", supervisor);
+    kill_and_expect_cleanup(server, supervisor, &guard.mountpoint);
 }
 
 /// `--sandbox-user` and `--sandbox-memory` choose who the server becomes
@@ -1227,12 +1243,7 @@ fn the_servers_identity_and_memory_cap_are_the_users_choice() {
         .collect::<Vec<_>>();
     assert_eq!(data, ["268435456", "268435456"], "{limits}");
     // Still serving, as that user.
-    let (file, sum) = sample_file(&corpus_dir());
-    let out = Command::new("sha256sum")
-        .arg(format!("{}{file}", guard.mountpoint.display()))
-        .output()
-        .unwrap();
-    assert_eq!(sha256_of(&out.stdout), sum);
+    assert_serves_the_sample(&guard.mountpoint);
     drop(guard);
 
     for bad in [
@@ -1309,29 +1320,10 @@ fn root_without_namespaces_still_gets_a_confined_server() {
     assert!(!report.contains("(ahead)"), "{report}");
     assert!(report.contains("net namespace:     no"), "{report}");
     let (server, supervisor) = server_and_supervisor(guard.mountpoint.to_str().unwrap());
-    assert_eq!(
-        status_field(server, "Uid:").split_whitespace().next(),
-        Some("65534")
-    );
-    assert_eq!(status_field(server, "CapEff:"), "0000000000000000");
-    assert_eq!(status_field(server, "NoNewPrivs:"), "1");
-    assert_eq!(status_field(server, "Seccomp:"), "2");
-    let (file, sum) = sample_file(&corpus_dir());
-    let out = Command::new("sha256sum")
-        .arg(format!("{}{file}", guard.mountpoint.display()))
-        .output()
-        .unwrap();
-    assert_eq!(sha256_of(&out.stdout), sum);
+    assert_confined_as_nobody(server);
+    assert_serves_the_sample(&guard.mountpoint);
     // Its supervisor still cleans up after it.
-    let st = Command::new("kill")
-        .args(["-KILL", &server.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    wait_until("the supervisor unmounted", Duration::from_secs(10), || {
-        !is_mounted(&guard.mountpoint)
-    });
-    wait_until_ended("the supervisor exited", supervisor);
+    kill_and_expect_cleanup(server, supervisor, &guard.mountpoint);
 }
 
 /// When a user unmounts and mounts again at the same path before the old
