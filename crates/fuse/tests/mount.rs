@@ -689,6 +689,44 @@ fn a_mount_failing_after_the_server_was_forked_leaves_nothing() {
     }
 }
 
+/// Root of a user namespace that shares the host's mount namespace
+/// (`unshare -Ur`, no `-m`): the confining thread prepares, but `mount(2)`
+/// is refused (EPERM), the server forked ahead ends without a word, the
+/// usual way tries fusermount3, which cannot mount there either; what is
+/// left is one clear line, exit code 2, nothing mounted and no process.
+#[test]
+fn root_of_a_user_namespace_without_its_own_mounts_gets_one_clear_error() {
+    require_root!();
+    let dir = TempDir::new("userns-no-mnt");
+    let mp = dir.0.join("mnt");
+    std::fs::create_dir(&mp).unwrap();
+    let mp = mp.canonicalize().unwrap();
+    let _guard = MountGuard {
+        mountpoint: mp.clone(),
+    };
+    let out = Command::new("unshare")
+        .arg("-Ur")
+        .arg(bin())
+        .arg("mount")
+        .arg(corpus_dir().join("images/plain.erofs"))
+        .arg(&mp)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+    assert!(err.contains("cannot mount on"), "{err}");
+    // The refusal of mount(2) led to the usual way, which tried fusermount3.
+    assert!(err.contains("fusermount3"), "{err}");
+    assert!(!is_mounted(&mp));
+    assert_eq!(
+        processes_naming(mp.to_str().unwrap()),
+        Vec::new(),
+        "a server or supervisor was left behind"
+    );
+}
+
 /// A kernel EROFS mount of `image` (loop, read-only); the guard unmounts.
 /// `None` when the kernel cannot mount EROFS here.
 fn kernel_mount(image: &Path, mountpoint: &Path) -> Option<MountGuard> {
