@@ -71,6 +71,21 @@ pub fn run_mount(args: MountArgs) -> anyhow::Result<i32> {
     if args.no_sandbox && notifier.is_none() {
         eprintln!("immount: warning: --no-sandbox: the server parses the image unconfined");
     }
+    // Said once, by the command the user ran, not by its background copy.
+    let chose = args.sandbox_user.is_some() || args.sandbox_memory.is_some();
+    if chose && args.no_sandbox && notifier.is_none() {
+        eprintln!(
+            "immount: warning: --sandbox-user and --sandbox-memory do nothing with --no-sandbox"
+        );
+    } else if args.sandbox_user.is_some()
+        && notifier.is_none()
+        && !rustix::process::geteuid().is_root()
+    {
+        eprintln!(
+            "immount: warning: --sandbox-user applies only when immount runs as root: \
+             the server keeps your own uid"
+        );
+    }
     if !args.foreground && notifier.is_none() {
         return Ok(match fuse::daemon::spawn_background(args.log.as_deref()) {
             Ok(text) => {

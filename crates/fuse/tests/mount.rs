@@ -392,7 +392,8 @@ fn plain_user_mounts_through_fusermount3() {
         mountpoint: mp.clone(),
     };
     let script = format!(
-        "set -e; {exe} mount {image} {mp}; sha256sum '{mp}{file}'; {exe} umount {mp}",
+        "set -e; {exe} mount --sandbox-user 4242 {image} {mp}; sha256sum '{mp}{file}'; \
+         {exe} umount {mp}",
         exe = exe.display(),
         image = image.display(),
         mp = mp.display()
@@ -404,6 +405,12 @@ fn plain_user_mounts_through_fusermount3() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "as a plain user: {stderr}");
     assert_eq!(sha256_of(&out.stdout), sum, "content read as a plain user");
+    // A uid to switch to means nothing to a plain user's server: said once.
+    assert_eq!(
+        stderr.matches("--sandbox-user applies only when").count(),
+        1,
+        "{stderr}"
+    );
     wait_until("the user's mount is gone", Duration::from_secs(10), || {
         !is_mounted(&mp)
     });
