@@ -946,9 +946,12 @@ fn finish(
     //    itself (`unshare -Ur`) has no other uid to become: that one step
     //    is skipped, said in one log line, and every other step still runs
     //    (outside the namespace this "root" is an ordinary user anyway, and
-    //    it keeps no capability). Root that could make no namespace at all
-    //    (a container's seccomp profile denies unshare) still switches.
-    let identity = match (identity_plan, made.root_identity) {
+    //    it keeps no capability). The same for root that made a user
+    //    namespace of its own (it maps only itself). Root that could make
+    //    no namespace at all (a container's seccomp profile denies
+    //    unshare) is still root where it started, and switches.
+    let still_root_where_started = made.user != Step::Done;
+    let identity = match (identity_plan, still_root_where_started) {
         (_, false) => Step::Skipped("not started as root".into()),
         (IdentityPlan::Impossible(why), true) => {
             let why = format!("{IDENTITY_IMPOSSIBLE}: {why}");

@@ -32,10 +32,6 @@ pub(crate) struct Made {
     /// Whether the process was privileged (root) in the initial namespace and
     /// made the namespaces without a user namespace.
     pub privileged: bool,
-    /// Whether the process is still root of the user namespace it started
-    /// in, none having been made: it has other uids to become (the
-    /// identity switch), whether or not it could make the other namespaces.
-    pub root_identity: bool,
     /// Whether the namespaces are the ones kept under [`KEPT_DIR`], and
     /// how this server came by them.
     pub kept: Kept,
@@ -103,7 +99,6 @@ pub(crate) fn enter(euid: u32, egid: u32, laps: &mut Laps) -> Result<Made, Sandb
         ipc: Step::Done,
         mount: Step::Done,
         privileged: euid == 0,
-        root_identity: euid == 0,
         kept: Kept::Own,
     };
     let direct = if euid == 0 {
@@ -122,7 +117,6 @@ pub(crate) fn enter(euid: u32, egid: u32, laps: &mut Laps) -> Result<Made, Sandb
         }) {
             Ok(()) => {
                 made.user = Step::Done;
-                made.root_identity = false;
                 map_own_ids(euid, egid).map_err(SandboxError::UserNamespace)?;
             }
             Err(e) => {
@@ -158,7 +152,6 @@ pub(crate) fn enter_as_root_thread(
         ipc: Step::Done,
         mount: Step::Done,
         privileged: true,
-        root_identity: true,
         kept,
     };
     // Any failure to join leaves what a fresh unshare below replaces.
